@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for plugboard's public API (proto/plugboard/v1)."""

@@ -1,0 +1,1 @@
+"""plugboard.v1: generated from the .proto files beside this file by `make proto`; do not edit."""
