@@ -1,0 +1,412 @@
+"""The engine: continuous batching of generation requests over one frozen model.
+
+Requests join the running batch at the next step and leave it when they finish or are cancelled.
+Each loop iteration does, on one worker thread (the event loop stays free for health checks and
+new calls): drop finished / cancelled rows, run pending score jobs, prefill the newly admitted
+requests (their first token), decode one token for the rows already running, merge the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+from plugboard_server.engine import validation
+from plugboard_server.engine.batch import Batch
+from plugboard_server.engine.config import EngineConfig
+from plugboard_server.engine.runner import ModelRunner
+from plugboard_server.engine.sampling import sample
+from plugboard_server.engine.scheduler import Scheduler
+from plugboard_server.engine.sequence import Event, Sequence
+from plugboard_server.engine.stream import GenerationStream
+from plugboard_server.engine.types import (
+    ChatMessage,
+    ChoiceScore,
+    Finished,
+    FinishReason,
+    GenerateInput,
+    GenerateResult,
+    ModelInfo,
+    ScoreInput,
+    ScoreResult,
+    Tokenized,
+)
+from plugboard_server.errors import AdapterNotFound, InvalidRequest, NotReady, Overloaded, PlugboardError
+from plugboard_server.metrics import Metrics
+from plugboard_server.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class EngineFailure(PlugboardError):
+    """A model step failed; the requests in it are ended with this error, the engine goes on."""
+
+
+@dataclass
+class _ScoreJob:
+    request_id: str
+    pairs: list[tuple[list[int], list[int]]]
+    future: asyncio.Future[list[float]]
+    result: list[float] | BaseException | None = None
+
+    @property
+    def padded_tokens(self) -> int:
+        return len(self.pairs) * max(len(p) + len(c) for p, c in self.pairs)
+
+
+@dataclass
+class _StepOutput:
+    events: list[tuple[Sequence, Event]] = field(default_factory=list)
+    scored: list[_ScoreJob] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(
+        self, loaded: LoadedModel, config: EngineConfig | None = None, metrics: Metrics | None = None
+    ):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.config = config or EngineConfig()
+        self.metrics = metrics or Metrics()
+        self.max_input_tokens = self.config.max_input_tokens or loaded.max_context - 1
+        self._runner = ModelRunner(loaded)
+        self._scheduler = Scheduler(self.config)
+        self._eos_ids = frozenset(loaded.eos_token_ids)
+        self._batch: Batch | None = None
+        self._score_jobs: deque[_ScoreJob] = deque()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plugboard-step")
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._accepting = True
+        self._task: asyncio.Task[None] | None = None
+
+    # ----- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="plugboard-engine")
+
+    def stop_accepting(self) -> None:
+        """Refuse new requests (draining); those already in flight go on."""
+        self._accepting = False
+
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is queued or running; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def stop(self) -> None:
+        self._accepting = False
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        closed = NotReady("the server is shutting down")
+        for seq in self._scheduler.drain() + (self._batch.rows if self._batch else []):
+            seq.events.put_nowait(closed)
+        for job in self._score_jobs:
+            if not job.future.done():
+                job.future.set_exception(closed)
+        self._batch = None
+        self._executor.shutdown(wait=True)
+
+    @property
+    def running(self) -> int:
+        return len(self._batch) if self._batch else 0
+
+    @property
+    def waiting(self) -> int:
+        return len(self._scheduler)
+
+    # ----- requests --------------------------------------------------------------------------
+
+    def _check_accepting(self) -> None:
+        if not self._accepting:
+            raise NotReady("the server is draining and takes no new requests")
+
+    def _check_adapter(self, adapter: str) -> None:
+        if adapter:  # modules arrive with the registry; until then only the base model serves
+            raise AdapterNotFound(f"no adapter {adapter!r}: this server has no modules registered")
+
+    def encode(self, prompt: str, messages: tuple[ChatMessage, ...]) -> list[int]:
+        """Prompt text -> ids (no special tokens added), or messages through the chat template."""
+        if messages:
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in messages],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+            )
+            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+
+    async def submit(self, inp: GenerateInput) -> GenerationStream:
+        """Queue a generation; iterate the returned stream for its deltas and its Finished event."""
+        self._check_accepting()
+        validation.check_input(inp.prompt, inp.messages, has_chat_template=self.loaded.has_chat_template)
+        params = validation.resolve_params(inp.params, self.config)
+        self._check_adapter(inp.adapter)
+        prompt_ids = await asyncio.to_thread(self.encode, inp.prompt, inp.messages)
+        if inp.params.max_new_tokens is None:  # a default must not push a long prompt past the context
+            room = max(1, self.loaded.max_context - len(prompt_ids))
+            params = replace(params, max_new_tokens=min(params.max_new_tokens or 1, room))
+        validation.check_lengths(
+            len(prompt_ids),
+            params.max_new_tokens or 0,
+            max_input=self.max_input_tokens,
+            max_context=self.loaded.max_context,
+        )
+        seq = Sequence(
+            request_id=inp.request_id or uuid.uuid4().hex[:16],
+            prompt_ids=prompt_ids,
+            params=params,
+            seed=params.seed if params.seed is not None else secrets.randbits(63),
+            tokenizer=self.tokenizer,
+            eos_ids=self._eos_ids,
+        )
+        self._check_accepting()
+        self._scheduler.enqueue(seq)
+        self.metrics.waiting_requests.set(len(self._scheduler))
+        self._idle.clear()
+        self._wake.set()
+        return GenerationStream(seq, self._wake)
+
+    async def generate(self, inp: GenerateInput) -> GenerateResult:
+        """Run a generation to its end and return the whole text."""
+        stream = await self.submit(inp)
+        return await stream.collect()
+
+    async def score(self, inp: ScoreInput) -> ScoreResult:
+        """Log-likelihood of each choice after the prompt, all choices in one forward."""
+        self._check_accepting()
+        validation.check_input(inp.prompt, inp.messages, has_chat_template=self.loaded.has_chat_template)
+        validation.check_choices(inp.choices, self.config)
+        self._check_adapter(inp.adapter)
+        request_id = inp.request_id or uuid.uuid4().hex[:16]
+        prompt_ids = await asyncio.to_thread(self.encode, inp.prompt, inp.messages)
+        choice_ids = [self.tokenizer.encode(c, add_special_tokens=False) for c in inp.choices]
+        for i, ids in enumerate(choice_ids):
+            if not ids:
+                raise InvalidRequest("the choice has no tokens", field=f"choices[{i}]")
+        longest = len(prompt_ids) + max(len(c) for c in choice_ids)
+        validation.check_lengths(
+            len(prompt_ids),
+            longest - len(prompt_ids),
+            max_input=self.max_input_tokens,
+            max_context=self.loaded.max_context,
+        )
+        job = _ScoreJob(
+            request_id, [(prompt_ids, c) for c in choice_ids], asyncio.get_running_loop().create_future()
+        )
+        if len(self._score_jobs) >= self.config.max_queued_requests:
+            raise Overloaded(f"{len(self._score_jobs)} score requests are already waiting; retry shortly")
+        self._score_jobs.append(job)
+        self._idle.clear()
+        self._wake.set()
+        logprobs = await job.future
+        top = max(logprobs)
+        weights = [math.exp(lp - top) for lp in logprobs]
+        total = sum(weights)
+        scores = tuple(
+            ChoiceScore(choice=c, logprob=lp, probability=w / total, tokens=len(ids))
+            for c, lp, w, ids in zip(inp.choices, logprobs, weights, choice_ids, strict=True)
+        )
+        best = max(scores, key=lambda s: s.logprob).choice
+        return ScoreResult(scores, best, adapter="", prompt_tokens=len(prompt_ids), request_id=request_id)
+
+    def info(self) -> ModelInfo:
+        m = self.loaded
+        return ModelInfo(
+            model=m.spec,
+            name=m.name,
+            fingerprint=m.fingerprint,
+            architecture=m.architecture,
+            dtype=str(m.dtype).removeprefix("torch."),
+            device=str(m.device),
+            quantization=m.quantization,
+            max_context_tokens=m.max_context,
+            max_input_tokens=self.max_input_tokens,
+            max_new_tokens=self.config.max_new_tokens,
+            default_max_new_tokens=self.config.default_max_new_tokens,
+            max_batch_size=self.config.max_batch_size,
+            vocab_size=m.vocab_size,
+            eos_token_ids=m.eos_token_ids,
+            has_chat_template=m.has_chat_template,
+            num_layers=m.num_layers,
+            hidden_size=m.hidden_size,
+            num_attention_heads=m.num_attention_heads,
+            num_key_value_heads=m.num_key_value_heads,
+            head_dim=m.head_dim,
+            adapter_kinds=(),
+        )
+
+    async def tokenize(self, text: str, messages: tuple[ChatMessage, ...]) -> Tokenized:
+        validation.check_input(text, messages, has_chat_template=self.loaded.has_chat_template)
+        ids = await asyncio.to_thread(self.encode, text, messages)
+        # Each token's own text; a token holding part of a multi-byte character shows U+FFFD.
+        tokens = [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+        return Tokenized(tuple(ids), tuple(tokens))
+
+    # ----- the loop --------------------------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        return bool(self._batch) or bool(len(self._scheduler)) or bool(self._score_jobs)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._has_work():
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            for seq in self._scheduler.drop_cancelled():
+                self._deliver(seq, seq.finish(FinishReason.CANCELLED))
+            running = self._batch.rows if self._batch else []
+            admitted = self._scheduler.admit(r for r in running if not r.done and not r.cancelled)
+            now = time.monotonic()
+            for seq in admitted:
+                seq.clock.admitted = now
+            jobs = self._take_score_jobs()
+            try:
+                out = await loop.run_in_executor(self._executor, self._iteration, admitted, jobs)
+            except Exception as exc:  # a failed step ends its requests, not the engine
+                log.exception("model step failed; ending the requests in it")
+                self._fail_all(admitted, jobs, EngineFailure(f"model step failed: {exc}"))
+                continue
+            for seq, event in out.events:
+                self._deliver(seq, event)
+            for job in out.scored:
+                if not job.future.done():
+                    if isinstance(job.result, BaseException):
+                        job.future.set_exception(job.result)
+                    else:
+                        job.future.set_result(job.result or [])
+            self.metrics.running_requests.set(self.running)
+            self.metrics.waiting_requests.set(len(self._scheduler))
+
+    def _take_score_jobs(self) -> list[_ScoreJob]:
+        jobs: list[_ScoreJob] = []
+        budget = self.config.max_prefill_tokens
+        while self._score_jobs:
+            job = self._score_jobs[0]
+            if job.future.cancelled():
+                self._score_jobs.popleft()
+                continue
+            if jobs and job.padded_tokens > budget:
+                break
+            budget -= job.padded_tokens
+            jobs.append(self._score_jobs.popleft())
+        return jobs
+
+    def _fail_all(self, admitted: list[Sequence], jobs: list[_ScoreJob], exc: Exception) -> None:
+        rows = (self._batch.rows if self._batch else []) + admitted
+        self._batch = None
+        for seq in rows:
+            if not seq.done:
+                seq.finish_reason = FinishReason.CANCELLED
+                seq.events.put_nowait(exc)
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(exc)
+
+    def _deliver(self, seq: Sequence, event: Event) -> None:
+        seq.events.put_nowait(event)
+        if isinstance(event, Finished):
+            self._record_finish(seq, event)
+
+    def _record_finish(self, seq: Sequence, fin: Finished) -> None:
+        m, t = self.metrics, fin.timing
+        m.finished.labels(fin.reason.value).inc()
+        m.prompt_tokens.inc(fin.prompt_tokens)
+        m.generated_tokens.inc(fin.generated_tokens)
+        m.request_prompt_tokens.observe(fin.prompt_tokens)
+        m.request_generated_tokens.observe(fin.generated_tokens)
+        if seq.clock.admitted is not None:
+            m.queue_duration.observe(t.queue_seconds)
+        if seq.clock.first_token is not None:
+            m.time_to_first_token.observe(t.first_token_seconds)
+            if fin.generated_tokens > 1:
+                decode_time = t.total_seconds - t.first_token_seconds
+                m.time_per_output_token.observe(decode_time / (fin.generated_tokens - 1))
+        log.info(
+            "request_id=%s adapter=%s outcome=%s prompt_tokens=%d generated_tokens=%d total_s=%.3f",
+            seq.request_id,
+            seq.adapter or "-",
+            fin.reason.value,
+            fin.prompt_tokens,
+            fin.generated_tokens,
+            t.total_seconds,
+        )
+
+    # ----- on the step thread ----------------------------------------------------------------
+
+    def _iteration(self, admitted: list[Sequence], jobs: list[_ScoreJob]) -> _StepOutput:
+        out = _StepOutput()
+        self._drop_finished(out)
+        for job in jobs:
+            start = time.perf_counter()
+            try:
+                job.result = self._runner.score(job.pairs)
+            except Exception as exc:  # reported to that caller alone
+                log.exception("score request %s failed", job.request_id)
+                job.result = EngineFailure(f"scoring failed: {exc}")
+            self.metrics.step_duration.labels("score").observe(time.perf_counter() - start)
+            out.scored.append(job)
+        new_batch = self._prefill(admitted, out) if admitted else None
+        if self._batch:
+            self._decode(self._batch, out)
+        if new_batch is not None:
+            self._batch = Batch.concatenate([self._batch, new_batch]) if self._batch else new_batch
+        self._drop_finished(out)
+        return out
+
+    def _drop_finished(self, out: _StepOutput) -> None:
+        if not self._batch:
+            return
+        for seq in self._batch.rows:
+            if seq.cancelled and not seq.done:
+                out.events.append((seq, seq.finish(FinishReason.CANCELLED)))
+        keep = [i for i, seq in enumerate(self._batch.rows) if not seq.done]
+        if not keep:
+            self._batch = None
+        else:
+            self._batch.filter(keep)
+
+    def _prefill(self, admitted: list[Sequence], out: _StepOutput) -> Batch:
+        start = time.perf_counter()
+        batch, logits = self._runner.prefill([s.prompt_ids for s in admitted], admitted)
+        elapsed = time.perf_counter() - start
+        self.metrics.step_duration.labels("prefill").observe(elapsed)
+        for seq in admitted:
+            seq.clock.prefill_seconds = elapsed
+        self._sample_into(batch, logits, out)
+        return batch
+
+    def _decode(self, batch: Batch, out: _StepOutput) -> None:
+        start = time.perf_counter()
+        logits = self._runner.decode(batch)
+        self.metrics.step_duration.labels("decode").observe(time.perf_counter() - start)
+        self.metrics.batch_size.observe(len(batch))
+        self._sample_into(batch, logits, out)
+
+    def _sample_into(self, batch: Batch, logits, out: _StepOutput) -> None:
+        tokens, logprobs = sample(logits, [s.sampling for s in batch.rows])
+        batch.next_ids = tokens
+        token_list = tokens.tolist()
+        lp_list = logprobs.tolist() if logprobs is not None else [None] * len(token_list)
+        for seq, tok, lp in zip(batch.rows, token_list, lp_list, strict=True):
+            out.events.extend((seq, ev) for ev in seq.append(tok, lp))

@@ -1,0 +1,72 @@
+"""Admission: which waiting requests join the running batch at the next step. No torch here.
+
+FIFO with three budgets: rows in the batch, KV tokens the batch may grow to (prompt + max_new_tokens
+per row, the worst case), and padded tokens in one prefill forward. The queue itself is bounded:
+past `max_queued_requests` a new request is refused as overloaded rather than left to grow memory.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Protocol
+
+from plugboard_server.engine.config import EngineConfig
+from plugboard_server.errors import Overloaded
+
+
+class Schedulable(Protocol):
+    @property
+    def input_len(self) -> int: ...
+
+    @property
+    def budget_tokens(self) -> int: ...
+
+    @property
+    def cancelled(self) -> bool: ...
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig) -> None:
+        self._config = config
+        self._waiting: deque[Schedulable] = deque()
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def enqueue(self, item: Schedulable) -> None:
+        if len(self._waiting) >= self._config.max_queued_requests:
+            raise Overloaded(f"{len(self._waiting)} requests are already waiting; retry shortly")
+        self._waiting.append(item)
+
+    def drop_cancelled(self) -> list[Schedulable]:
+        dropped = [s for s in self._waiting if s.cancelled]
+        if dropped:
+            self._waiting = deque(s for s in self._waiting if not s.cancelled)
+        return dropped
+
+    def drain(self) -> list[Schedulable]:
+        items, self._waiting = list(self._waiting), deque()
+        return items
+
+    def admit(self, running: Iterable[Schedulable]) -> list[Schedulable]:
+        """Pop the waiting requests that fit beside `running`, in arrival order."""
+        running = list(running)
+        cfg = self._config
+        free_rows = cfg.max_batch_size - len(running)
+        tokens = sum(r.budget_tokens for r in running)
+        admitted: list[Schedulable] = []
+        longest = 0
+        while self._waiting and len(admitted) < free_rows:
+            item = self._waiting[0]
+            alone = not running and not admitted  # the first request always fits an empty batch
+            if not alone and tokens + item.budget_tokens > cfg.max_batch_tokens:
+                break
+            padded = (len(admitted) + 1) * max(longest, item.input_len)
+            if admitted and padded > cfg.max_prefill_tokens:
+                break
+            self._waiting.popleft()
+            admitted.append(item)
+            tokens += item.budget_tokens
+            longest = max(longest, item.input_len)
+        return admitted

@@ -1,0 +1,108 @@
+"""Every Prometheus metric plugboard exports, in one place, on a registry of its own.
+
+A registry per server (not prometheus_client's global one) lets tests run several servers in one
+process. Label sets are bounded: method names, status codes, finish reasons and step phases only.
+"""
+
+from __future__ import annotations
+
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
+_TOKEN_COUNT_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.requests = Counter(
+            "plugboard_requests",
+            "RPCs answered, by method and gRPC status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "plugboard_request_duration_seconds",
+            "RPC latency",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "plugboard_queue_duration_seconds",
+            "Time from submission to joining the batch",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "plugboard_time_to_first_token_seconds",
+            "Time from submission to the first generated token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            "plugboard_time_per_output_token_seconds",
+            "Mean time between a request's generated tokens after the first",
+            buckets=_TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("plugboard_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generated_tokens = Counter("plugboard_generated_tokens", "Tokens generated", registry=r)
+        self.request_prompt_tokens = Histogram(
+            "plugboard_request_prompt_tokens",
+            "Prompt tokens per request",
+            buckets=_TOKEN_COUNT_BUCKETS,
+            registry=r,
+        )
+        self.request_generated_tokens = Histogram(
+            "plugboard_request_generated_tokens",
+            "Generated tokens per request",
+            buckets=_TOKEN_COUNT_BUCKETS,
+            registry=r,
+        )
+        self.finished = Counter(
+            "plugboard_finished_requests", "Generations ended, by finish reason", ["reason"], registry=r
+        )
+        self.batch_size = Histogram(
+            "plugboard_batch_size", "Rows in each decode step", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.step_duration = Histogram(
+            "plugboard_step_duration_seconds",
+            "Duration of one model forward, by phase (prefill, decode, score)",
+            ["phase"],
+            buckets=(*_TOKEN_LATENCY_BUCKETS, 5, 10, 30),
+            registry=r,
+        )
+        self.running_requests = Gauge(
+            "plugboard_running_requests", "Requests in the running batch", registry=r
+        )
+        self.waiting_requests = Gauge(
+            "plugboard_waiting_requests", "Requests waiting to join the batch", registry=r
+        )
+        self.ready = Gauge("plugboard_ready", "1 when the model is loaded and serving, else 0", registry=r)
+        self.model_load_seconds = Gauge(
+            "plugboard_model_load_seconds", "Time taken to load the model", registry=r
+        )
+        self.model = Info("plugboard_model", "The base model being served", registry=r)
+
+
+def serve_metrics(metrics: Metrics, host: str, port: int) -> WSGIServer:
+    """Serve /metrics over HTTP on a daemon thread; port 0 picks a free port (see server_address)."""
+    httpd, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return httpd
