@@ -1,0 +1,136 @@
+"""ServerConfig: every setting of the server, from command-line flags or PLUGBOARD_* environment variables.
+
+Each field becomes a flag (`--max-batch-size`) and an environment variable (`PLUGBOARD_MAX_BATCH_SIZE`);
+a flag wins over the variable, the variable over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from plugboard_server.engine.config import EngineConfig
+
+_ENGINE_DEFAULTS = EngineConfig()
+
+
+def _opt(help: str, default: Any = MISSING, *, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class ServerConfig:
+    model: str = _opt(
+        "model: 'default' (the embedded SmolLM2-135M-Instruct), a directory, a .gguf file, "
+        "or a Hugging Face id already in the local cache",
+        "default",
+    )
+    registry: Path = _opt("registry directory for modules", Path("var/registry"))
+    host: str = _opt("address the gRPC server binds", "127.0.0.1")
+    port: int = _opt("gRPC port (0 picks a free one)", 50051)
+    metrics_host: str = _opt("address the Prometheus /metrics endpoint binds", "127.0.0.1")
+    metrics_port: int = _opt("Prometheus /metrics port (0 picks a free one, -1 turns it off)", 9400)
+    dtype: str = _opt(
+        "weights and activations dtype", "auto", choices=("auto", "float32", "bfloat16", "float16")
+    )
+    device: str = _opt("device: auto, cpu, cuda or cuda:N", "auto")
+    quantize: str = _opt(
+        "load the weights quantized by bitsandbytes", "none", choices=("none", "int8", "nf4")
+    )
+    cache_dir: Path | None = _opt(
+        "where converted models are cached (default: $PLUGBOARD_CACHE_DIR or ~/.cache/plugboard)", None
+    )
+    threads: int = _opt("torch intra-op threads (0 = torch's default)", 0)
+    max_batch_size: int = _opt("most requests in the running batch", _ENGINE_DEFAULTS.max_batch_size)
+    max_batch_tokens: int = _opt(
+        "token budget of the running batch (prompt + max_new_tokens per row)",
+        _ENGINE_DEFAULTS.max_batch_tokens,
+    )
+    max_prefill_tokens: int = _opt("most padded tokens in one prefill", _ENGINE_DEFAULTS.max_prefill_tokens)
+    max_queued_requests: int = _opt(
+        "most requests waiting; beyond it RESOURCE_EXHAUSTED", _ENGINE_DEFAULTS.max_queued_requests
+    )
+    max_input_tokens: int = _opt(
+        "longest prompt in tokens (0 = the model's context - 1)", _ENGINE_DEFAULTS.max_input_tokens
+    )
+    max_new_tokens: int = _opt(
+        "the most max_new_tokens a request may ask for", _ENGINE_DEFAULTS.max_new_tokens
+    )
+    default_max_new_tokens: int = _opt(
+        "max_new_tokens when a request leaves it unset", _ENGINE_DEFAULTS.default_max_new_tokens
+    )
+    max_stop_sequences: int = _opt("most stop sequences per request", _ENGINE_DEFAULTS.max_stop_sequences)
+    max_message_bytes: int = _opt("largest gRPC message received or sent", 4 * 1024 * 1024)
+    grace_period: float = _opt("seconds to finish in-flight requests after SIGTERM", 30.0)
+    log_level: str = _opt("logging level", "info", choices=("debug", "info", "warning", "error"))
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_batch_size=self.max_batch_size,
+            max_batch_tokens=self.max_batch_tokens,
+            max_prefill_tokens=self.max_prefill_tokens,
+            max_queued_requests=self.max_queued_requests,
+            max_input_tokens=self.max_input_tokens,
+            max_new_tokens=self.max_new_tokens,
+            default_max_new_tokens=self.default_max_new_tokens,
+            max_stop_sequences=self.max_stop_sequences,
+        )
+
+    def validate(self) -> None:
+        for name in (
+            "max_batch_size",
+            "max_batch_tokens",
+            "max_prefill_tokens",
+            "max_queued_requests",
+            "max_new_tokens",
+            "default_max_new_tokens",
+            "max_message_bytes",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if not 0 <= self.port <= 65535 or not -1 <= self.metrics_port <= 65535:
+            raise ValueError("ports must lie in 0..65535")
+
+    @classmethod
+    def parser(cls) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(
+            prog="plugboard-server",
+            description="Serve one frozen language model with per-request learned modules over gRPC.",
+            epilog="Every flag can also be set by its environment variable, e.g. PLUGBOARD_PORT=50052.",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        for f in fields(cls):
+            env = f"PLUGBOARD_{f.name.upper()}"
+            default = f.default
+            kind = _field_type(f.type)
+            if env in os.environ:
+                default = kind(os.environ[env])
+            p.add_argument(
+                f"--{f.name.replace('_', '-')}",
+                type=kind,
+                default=default,
+                choices=f.metadata.get("choices"),
+                help=f"{f.metadata['help']} [env {env}]",
+            )
+        return p
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> ServerConfig:
+        parser = cls.parser()
+        config = cls(**vars(parser.parse_args(argv)))
+        try:
+            config.validate()
+        except ValueError as exc:
+            parser.error(str(exc))
+        return config
+
+
+def _field_type(annotation: Any) -> type:
+    text = str(annotation)
+    for name, kind in (("Path", Path), ("float", float), ("int", int)):
+        if text.startswith(name):
+            return kind
+    return str

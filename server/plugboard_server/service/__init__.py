@@ -1,0 +1,1 @@
+"""The gRPC layer: typed servicers that turn protobuf into engine calls and errors into status codes."""

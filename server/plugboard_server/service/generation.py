@@ -1,0 +1,64 @@
+"""The Generation service: Generate, GenerateStream, Score, Tokenize, ModelInfo."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from plugboard.v1 import generation_pb2 as pb
+from plugboard.v1 import generation_pb2_grpc
+
+from plugboard_server import __version__
+from plugboard_server.engine.engine import Engine
+from plugboard_server.engine.types import Finished
+from plugboard_server.metrics import Metrics
+from plugboard_server.service import convert
+from plugboard_server.service.errors import rpc
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, engine: Callable[[], Engine], metrics: Metrics) -> None:
+        # `engine` raises NotReady until the model is loaded: the server answers health checks
+        # (NOT_SERVING) and refuses calls with UNAVAILABLE while it loads.
+        self._engine = engine
+        self.metrics = metrics
+
+    @rpc("Generate")
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        result = await self._engine().generate(convert.generate_input(request))
+        return convert.generate_response(result)
+
+    @rpc("GenerateStream")
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        stream = await self._engine().submit(convert.generate_input(request))
+        try:
+            async for event in stream:
+                if isinstance(event, Finished):
+                    yield convert.stream_end(
+                        event, adapter=stream.adapter, request_id=stream.request_id, seed=stream.seed
+                    )
+                else:
+                    yield convert.stream_delta(event)
+        finally:
+            stream.cancel()  # a no-op once finished; frees the row when the client went away
+
+    @rpc("Score")
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        return convert.score_response(await self._engine().score(convert.score_input(request)))
+
+    @rpc("Tokenize")
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        result = await self._engine().tokenize(request.text, convert.messages(request.messages))
+        return convert.tokenize_response(result)
+
+    @rpc("ModelInfo")
+    async def ModelInfo(
+        self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfoResponse:
+        return convert.model_info(self._engine().info(), __version__)
