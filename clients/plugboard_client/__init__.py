@@ -1,0 +1,51 @@
+"""plugboard_client: the Python client (sync and asyncio) and `plugboard` CLI for the plugboard gRPC server.
+
+    from plugboard_client import Client
+
+    with Client("127.0.0.1:50051", timeout=30) as client:
+        client.wait_ready()
+        reply = client.generate(messages=[{"role": "user", "content": "Hi!"}], max_new_tokens=32)
+        print(reply.text)
+
+Responses are the protobuf messages of `plugboard.v1.generation_pb2`; failed calls raise the
+`PlugboardError` subclasses exported here.
+"""
+
+from __future__ import annotations
+
+from plugboard_client.aio import AsyncClient
+from plugboard_client.client import DEFAULT_TARGET, Client
+from plugboard_client.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    PlugboardError,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    from_rpc_error,
+)
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "AsyncClient",
+    "Cancelled",
+    "Client",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "PlugboardError",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "from_rpc_error",
+]
