@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny models built in-process, loaded through the server's own loading code."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+
+from tests.support.tiny_model import build_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer GQA Llama (4 query heads over 2 KV heads) with a byte-level BPE tokenizer."""
+    return build_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path):
+    """The tiny model loaded once, frozen; read-only, so tests may share it."""
+    from plugboard_server.models.loading import load_model
+
+    return load_model(str(tiny_model_dir), device="cpu")

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from plugboard_server.engine.config import EngineConfig
+from plugboard_server.engine.scheduler import Scheduler
+from plugboard_server.errors import Overloaded
+
+
+@dataclass
+class Item:
+    input_len: int
+    max_new: int = 10
+    cancelled: bool = False
+
+    @property
+    def budget_tokens(self) -> int:
+        return self.input_len + self.max_new
+
+
+def test_fifo_up_to_free_rows():
+    s = Scheduler(EngineConfig(max_batch_size=3))
+    items = [Item(5) for _ in range(5)]
+    for i in items:
+        s.enqueue(i)
+    assert s.admit([items[0]]) == items[:2]
+    assert len(s) == 3
+
+
+def test_token_budget_stops_admission_but_an_empty_batch_takes_one():
+    s = Scheduler(EngineConfig(max_batch_tokens=30))
+    big, small = Item(100), Item(5)
+    s.enqueue(big)
+    s.enqueue(small)
+    assert s.admit([]) == [big]  # alone it always fits
+    assert s.admit([big]) == []  # no room beside it: arrival order is kept
+    assert s.admit([]) == [small]
+
+
+def test_prefill_budget_counts_padding():
+    s = Scheduler(EngineConfig(max_prefill_tokens=100))
+    items = [Item(10), Item(60), Item(10), Item(10)]
+    for i in items:
+        s.enqueue(i)
+    assert s.admit([]) == items[:1]  # 2 rows x 60 padded = 120 > 100
+    assert s.admit([]) == items[1:2]
+    assert s.admit([]) == items[2:]
+
+
+def test_queue_is_bounded():
+    s = Scheduler(EngineConfig(max_queued_requests=2))
+    s.enqueue(Item(1))
+    s.enqueue(Item(1))
+    with pytest.raises(Overloaded):
+        s.enqueue(Item(1))
+
+
+def test_cancelled_items_are_dropped():
+    s = Scheduler(EngineConfig())
+    a, b = Item(1), Item(1, cancelled=True)
+    s.enqueue(a)
+    s.enqueue(b)
+    assert s.drop_cancelled() == [b]
+    assert s.admit([]) == [a]
