@@ -69,6 +69,7 @@ class PlugboardServer:
         cfg = self.config
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
+        cfg.registry.mkdir(parents=True, exist_ok=True)
         self._grpc = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),

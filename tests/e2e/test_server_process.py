@@ -88,3 +88,25 @@ def test_sigterm_drains_an_in_flight_stream_then_exits_zero(server_process):
     assert proc.wait(30) == 0
     log = proc.stdout.read()
     assert "draining" in log and "stopped (drained)" in log
+
+
+def test_a_model_that_cannot_load_exits_non_zero_with_a_clear_message(tmp_path):
+    run = subprocess.run(
+        [
+            str(BIN / "plugboard-server"),
+            "--model",
+            str(tmp_path / "no-such-model"),
+            "--port",
+            str(_free_port()),
+            "--metrics-port",
+            "-1",
+            "--registry",
+            str(tmp_path / "registry"),
+        ],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert "start-up failed" in run.stderr and "no-such-model" in run.stderr

@@ -6,9 +6,11 @@ Tests then talk to it over real sockets with the sync or the async client, from 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 from plugboard_server.config import ServerConfig
@@ -56,5 +58,6 @@ class ServerThread:
 
 
 def server_config(**overrides: Any) -> ServerConfig:
-    base = dict(model="unused", port=0, metrics_port=0, host="127.0.0.1", grace_period=5.0)
+    registry = Path(tempfile.mkdtemp(prefix="plugboard-registry-"))
+    base = dict(model="unused", port=0, metrics_port=0, host="127.0.0.1", grace_period=5.0, registry=registry)
     return ServerConfig(**{**base, **overrides})

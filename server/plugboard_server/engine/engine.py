@@ -114,6 +114,8 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        # A step may still be running on the worker thread: let it end before touching the batch.
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
         closed = NotReady("the server is shutting down")
         for seq in self._scheduler.drain() + (self._batch.rows if self._batch else []):
             seq.events.put_nowait(closed)
@@ -121,7 +123,6 @@ class Engine:
             if not job.future.done():
                 job.future.set_exception(closed)
         self._batch = None
-        self._executor.shutdown(wait=True)
 
     @property
     def running(self) -> int:
@@ -201,13 +202,11 @@ class Engine:
         for i, ids in enumerate(choice_ids):
             if not ids:
                 raise InvalidRequest("the choice has no tokens", field=f"choices[{i}]")
-        longest = len(prompt_ids) + max(len(c) for c in choice_ids)
         validation.check_lengths(
-            len(prompt_ids),
-            longest - len(prompt_ids),
-            max_input=self.max_input_tokens,
-            max_context=self.loaded.max_context,
+            len(prompt_ids), 0, max_input=self.max_input_tokens, max_context=self.loaded.max_context
         )
+        if len(prompt_ids) + max(len(c) for c in choice_ids) > self.loaded.max_context:
+            raise InvalidRequest("the prompt and the longest choice are over the model's context", "choices")
         job = _ScoreJob(
             request_id, [(prompt_ids, c) for c in choice_ids], asyncio.get_running_loop().create_future()
         )

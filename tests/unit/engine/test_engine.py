@@ -204,6 +204,8 @@ async def test_bad_requests_are_refused_before_queueing(engine):
         await engine.submit(GenerateInput(prompt="x", adapter="sentiment"))
     with pytest.raises(InvalidRequest):
         await engine.score(ScoreInput(prompt="x", choices=("only",)))
+    with pytest.raises(InvalidRequest, match="longest choice"):
+        await engine.score(ScoreInput(prompt=prompt_300, choices=("fox " * 150, "dog")))
     assert engine.waiting == 0
 
 
