@@ -27,3 +27,19 @@ def tiny_model(tiny_model_dir: Path):
     from plugboard_server.models.loading import load_model
 
     return load_model(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer GPT-2 (fused c_attn, Conv1D layers, 4 heads) with the same tokenizer."""
+    from tests.support.tiny_model import build_gpt2
+
+    return build_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_gpt2_dir: Path):
+    """The tiny GPT-2 loaded once, frozen; read-only, so tests may share it."""
+    from plugboard_server.models.loading import load_model
+
+    return load_model(str(tiny_gpt2_dir), device="cpu")

@@ -29,6 +29,9 @@ class ServerConfig:
         "default",
     )
     registry: Path = _opt("registry directory for modules", Path("var/registry"))
+    adapters_dir: Path | None = _opt(
+        "serve the PEFT modules in this directory, one subdirectory per module (named by it)", None
+    )
     host: str = _opt("address the gRPC server binds", "127.0.0.1")
     port: int = _opt("gRPC port (0 picks a free one)", 50051)
     metrics_host: str = _opt("address the Prometheus /metrics endpoint binds", "127.0.0.1")
@@ -63,6 +66,16 @@ class ServerConfig:
         "max_new_tokens when a request leaves it unset", _ENGINE_DEFAULTS.default_max_new_tokens
     )
     max_stop_sequences: int = _opt("most stop sequences per request", _ENGINE_DEFAULTS.max_stop_sequences)
+    max_loaded_adapters: int = _opt(
+        "device slots for modules; a request whose module finds every slot busy waits",
+        _ENGINE_DEFAULTS.max_loaded_adapters,
+    )
+    max_lora_rank: int = _opt(
+        "largest LoRA rank served (the slot buffers are this wide)", _ENGINE_DEFAULTS.max_lora_rank
+    )
+    max_prefix_tokens: int = _opt(
+        "most virtual tokens of a prefix or soft prompt", _ENGINE_DEFAULTS.max_prefix_tokens
+    )
     max_message_bytes: int = _opt("largest gRPC message received or sent", 4 * 1024 * 1024)
     grace_period: float = _opt("seconds to finish in-flight requests after SIGTERM", 30.0)
     log_level: str = _opt("logging level", "info", choices=("debug", "info", "warning", "error"))
@@ -77,6 +90,9 @@ class ServerConfig:
             max_new_tokens=self.max_new_tokens,
             default_max_new_tokens=self.default_max_new_tokens,
             max_stop_sequences=self.max_stop_sequences,
+            max_loaded_adapters=self.max_loaded_adapters,
+            max_lora_rank=self.max_lora_rank,
+            max_prefix_tokens=self.max_prefix_tokens,
         )
 
     def validate(self) -> None:
@@ -88,6 +104,9 @@ class ServerConfig:
             "max_new_tokens",
             "default_max_new_tokens",
             "max_message_bytes",
+            "max_loaded_adapters",
+            "max_lora_rank",
+            "max_prefix_tokens",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")

@@ -28,6 +28,7 @@ from plugboard_server.engine.types import GenerateInput, SamplingParams
 from plugboard_server.errors import NotReady
 from plugboard_server.metrics import Metrics, serve_metrics
 from plugboard_server.models.loading import LoadedModel, load_model
+from plugboard_server.registry.directory import DirectoryStore
 from plugboard_server.service.generation import GenerationServicer
 
 log = logging.getLogger("plugboard_server")
@@ -77,8 +78,9 @@ class PlugboardServer:
                 ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
             ]
         )
+        self.store = DirectoryStore(cfg.adapters_dir)
         generation_pb2_grpc.add_GenerationServicer_to_server(
-            GenerationServicer(self._engine, self.metrics), self._grpc
+            GenerationServicer(self._engine, self.store, self.metrics), self._grpc
         )
         # The Adapters handlers come with the registry; until then every call answers UNIMPLEMENTED.
         adapters_pb2_grpc.add_AdaptersServicer_to_server(adapters_pb2_grpc.AdaptersServicer(), self._grpc)
@@ -121,6 +123,7 @@ class PlugboardServer:
         loaded = await asyncio.to_thread(self._loader)
         engine = Engine(loaded, self.config.engine_config(), self.metrics)
         await engine.start()
+        await asyncio.to_thread(engine.adapters.check, self.store.list())
         start = time.perf_counter()
         await engine.generate(GenerateInput(prompt="Hello", params=SamplingParams(max_new_tokens=2)))
         log.info("warm-up generation took %.2fs", time.perf_counter() - start)

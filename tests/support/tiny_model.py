@@ -84,3 +84,30 @@ def build_llama(
     tokenizer.save_pretrained(path)
     (path / "plugboard.json").write_text(json.dumps({"name": f"tiny-llama-s{seed}"}))
     return path
+
+
+def build_gpt2(path: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4) -> Path:
+    """Save a tiny GPT-2 (fused c_attn Conv1D, absolute positions) and its tokenizer to path."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = build_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=512,
+        eos_token_id=eos,
+        bos_token_id=eos,
+        pad_token_id=eos,
+        initializer_range=0.1,
+    )
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "plugboard.json").write_text(json.dumps({"name": f"tiny-gpt2-s{seed}"}))
+    return path

@@ -194,7 +194,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "fingerprint", "architecture", "dtype", "device", "quantization", "max_context_tokens", "max_input_tokens", "max_new_tokens", "default_max_new_tokens", "max_batch_size", "vocab_size", "eos_token_ids", "has_chat_template", "num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "adapter_kinds", "server_version", "name")
+    __slots__ = ("model", "fingerprint", "architecture", "dtype", "device", "quantization", "max_context_tokens", "max_input_tokens", "max_new_tokens", "default_max_new_tokens", "max_batch_size", "vocab_size", "eos_token_ids", "has_chat_template", "num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "adapter_kinds", "server_version", "name", "max_loaded_adapters", "max_lora_rank", "max_prefix_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +217,9 @@ class ModelInfoResponse(_message.Message):
     ADAPTER_KINDS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOADED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    MAX_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     architecture: str
@@ -239,4 +242,7 @@ class ModelInfoResponse(_message.Message):
     adapter_kinds: _containers.RepeatedScalarFieldContainer[_adapters_pb2.AdapterKind]
     server_version: str
     name: str
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., has_chat_template: _Optional[bool] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., adapter_kinds: _Optional[_Iterable[_Union[_adapters_pb2.AdapterKind, str]]] = ..., server_version: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    max_loaded_adapters: int
+    max_lora_rank: int
+    max_prefix_tokens: int
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., has_chat_template: _Optional[bool] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., adapter_kinds: _Optional[_Iterable[_Union[_adapters_pb2.AdapterKind, str]]] = ..., server_version: _Optional[str] = ..., name: _Optional[str] = ..., max_loaded_adapters: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_prefix_tokens: _Optional[int] = ...) -> None: ...

@@ -37,6 +37,8 @@ class Batch:
     attention_mask: torch.Tensor  # [B, T] 1 where the cache holds a real token, 0 for left padding
     positions: torch.Tensor  # [B] position id of each row's next input token
     next_ids: torch.Tensor  # [B] each row's next input token (sampled, not yet in the cache)
+    lora_slots: torch.Tensor  # [B] each row's LoRA slot, 0 = none
+    lora_ranks: torch.Tensor  # [B] the rank of each row's LoRA, 0 = none
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -51,9 +53,9 @@ class Batch:
             return
         idx = torch.tensor(keep, dtype=torch.long, device=self.attention_mask.device)
         mask = self.attention_mask.index_select(0, idx)
-        # Left padding means row r's tokens are its last lengths[r] columns; drop the columns before
-        # the longest kept row begins.
-        start = self.cache_len - int(mask.sum(dim=1).max()) if keep else self.cache_len
+        # Drop the leading columns that are padding in every kept row. (A row with a prefix has a
+        # masked gap between its prefix and its prompt, so count from each row's first real column.)
+        start = int(mask.argmax(dim=1).min())
         self.attention_mask = mask[:, start:]
         self.cache = make_cache(
             [
@@ -63,6 +65,8 @@ class Batch:
         )
         self.positions = self.positions.index_select(0, idx)
         self.next_ids = self.next_ids.index_select(0, idx)
+        self.lora_slots = self.lora_slots.index_select(0, idx)
+        self.lora_ranks = self.lora_ranks.index_select(0, idx)
         self.rows = [self.rows[i] for i in keep]
 
     @classmethod
@@ -90,4 +94,6 @@ class Batch:
             attention_mask=torch.cat(masks),
             positions=torch.cat([b.positions for b in batches]),
             next_ids=torch.cat([b.next_ids for b in batches]),
+            lora_slots=torch.cat([b.lora_slots for b in batches]),
+            lora_ranks=torch.cat([b.lora_ranks for b in batches]),
         )

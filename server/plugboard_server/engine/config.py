@@ -17,3 +17,6 @@ class EngineConfig:
     max_stop_sequences: int = 16
     max_stop_length: int = 256  # characters per stop sequence
     max_score_choices: int = 64
+    max_loaded_adapters: int = 32  # device slots for modules
+    max_lora_rank: int = 16  # LoRA slot buffers are this wide
+    max_prefix_tokens: int = 128  # virtual tokens of a prefix or soft prompt

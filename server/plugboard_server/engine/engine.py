@@ -19,6 +19,9 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+from plugboard_server.adapters.manager import AdapterManager, Resident
+from plugboard_server.adapters.shape import model_shape
+from plugboard_server.adapters.types import AdapterLimits, AdapterWeights, ModuleKind
 from plugboard_server.engine import validation
 from plugboard_server.engine.batch import Batch
 from plugboard_server.engine.config import EngineConfig
@@ -39,9 +42,10 @@ from plugboard_server.engine.types import (
     ScoreResult,
     Tokenized,
 )
-from plugboard_server.errors import AdapterNotFound, InvalidRequest, NotReady, Overloaded, PlugboardError
+from plugboard_server.errors import InvalidRequest, NotReady, Overloaded, PlugboardError
 from plugboard_server.metrics import Metrics
 from plugboard_server.models.loading import LoadedModel
+from plugboard_server.registry.store import AdapterRef
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,9 @@ class _ScoreJob:
     request_id: str
     pairs: list[tuple[list[int], list[int]]]
     future: asyncio.Future[list[float]]
+    adapter: str = ""
+    module: AdapterWeights | None = None
+    resident: Resident | None = None
     result: list[float] | BaseException | None = None
 
     @property
@@ -77,7 +84,16 @@ class Engine:
         self.config = config or EngineConfig()
         self.metrics = metrics or Metrics()
         self.max_input_tokens = self.config.max_input_tokens or loaded.max_context - 1
-        self._runner = ModelRunner(loaded)
+        cfg = self.config
+        self.adapters = AdapterManager(
+            loaded.model,
+            model_shape(loaded.model),
+            max_slots=cfg.max_loaded_adapters,
+            limits=AdapterLimits(max_lora_rank=cfg.max_lora_rank, max_prefix_tokens=cfg.max_prefix_tokens),
+            dtype=loaded.dtype,
+            device=loaded.device,
+        )
+        self._runner = ModelRunner(loaded, self.adapters.lora.batch)
         self._scheduler = Scheduler(self.config)
         self._eos_ids = frozenset(loaded.eos_token_ids)
         self._batch: Batch | None = None
@@ -138,9 +154,9 @@ class Engine:
         if not self._accepting:
             raise NotReady("the server is draining and takes no new requests")
 
-    def _check_adapter(self, adapter: str) -> None:
-        if adapter:  # modules arrive with the registry; until then only the base model serves
-            raise AdapterNotFound(f"no adapter {adapter!r}: this server has no modules registered")
+    async def _module(self, ref: AdapterRef | None) -> AdapterWeights | None:
+        """Read and validate the module off the event loop (cached after the first request)."""
+        return None if ref is None else await asyncio.to_thread(self.adapters.load, ref)
 
     def encode(self, prompt: str, messages: tuple[ChatMessage, ...]) -> list[int]:
         """Prompt text -> ids (no special tokens added), or messages through the chat template."""
@@ -159,7 +175,7 @@ class Engine:
         self._check_accepting()
         validation.check_input(inp.prompt, inp.messages, has_chat_template=self.loaded.has_chat_template)
         params = validation.resolve_params(inp.params, self.config)
-        self._check_adapter(inp.adapter)
+        module = await self._module(inp.adapter)
         prompt_ids = await asyncio.to_thread(self.encode, inp.prompt, inp.messages)
         if inp.params.max_new_tokens is None:  # a default must not push a long prompt past the context
             room = max(1, self.loaded.max_context - len(prompt_ids))
@@ -177,6 +193,8 @@ class Engine:
             seed=params.seed if params.seed is not None else secrets.randbits(63),
             tokenizer=self.tokenizer,
             eos_ids=self._eos_ids,
+            adapter=inp.adapter.key if inp.adapter else "",
+            module=module,
         )
         self._check_accepting()
         self._scheduler.enqueue(seq)
@@ -195,7 +213,7 @@ class Engine:
         self._check_accepting()
         validation.check_input(inp.prompt, inp.messages, has_chat_template=self.loaded.has_chat_template)
         validation.check_choices(inp.choices, self.config)
-        self._check_adapter(inp.adapter)
+        module = await self._module(inp.adapter)
         request_id = inp.request_id or uuid.uuid4().hex[:16]
         prompt_ids = await asyncio.to_thread(self.encode, inp.prompt, inp.messages)
         choice_ids = [self.tokenizer.encode(c, add_special_tokens=False) for c in inp.choices]
@@ -207,8 +225,13 @@ class Engine:
         )
         if len(prompt_ids) + max(len(c) for c in choice_ids) > self.loaded.max_context:
             raise InvalidRequest("the prompt and the longest choice are over the model's context", "choices")
+        adapter = inp.adapter.key if inp.adapter else ""
         job = _ScoreJob(
-            request_id, [(prompt_ids, c) for c in choice_ids], asyncio.get_running_loop().create_future()
+            request_id,
+            [(prompt_ids, c) for c in choice_ids],
+            asyncio.get_running_loop().create_future(),
+            adapter=adapter,
+            module=module,
         )
         if len(self._score_jobs) >= self.config.max_queued_requests:
             raise Overloaded(f"{len(self._score_jobs)} score requests are already waiting; retry shortly")
@@ -224,7 +247,9 @@ class Engine:
             for c, lp, w, ids in zip(inp.choices, logprobs, weights, choice_ids, strict=True)
         )
         best = max(scores, key=lambda s: s.logprob).choice
-        return ScoreResult(scores, best, adapter="", prompt_tokens=len(prompt_ids), request_id=request_id)
+        return ScoreResult(
+            scores, best, adapter=adapter, prompt_tokens=len(prompt_ids), request_id=request_id
+        )
 
     def info(self) -> ModelInfo:
         m = self.loaded
@@ -249,7 +274,10 @@ class Engine:
             num_attention_heads=m.num_attention_heads,
             num_key_value_heads=m.num_key_value_heads,
             head_dim=m.head_dim,
-            adapter_kinds=(),
+            adapter_kinds=tuple(k.value for k in ModuleKind),
+            max_loaded_adapters=self.config.max_loaded_adapters,
+            max_lora_rank=self.config.max_lora_rank,
+            max_prefix_tokens=self.config.max_prefix_tokens,
         )
 
     async def tokenize(self, text: str, messages: tuple[ChatMessage, ...]) -> Tokenized:
@@ -275,7 +303,9 @@ class Engine:
             for seq in self._scheduler.drop_cancelled():
                 self._deliver(seq, seq.finish(FinishReason.CANCELLED))
             running = self._batch.rows if self._batch else []
-            admitted = self._scheduler.admit(r for r in running if not r.done and not r.cancelled)
+            admitted = self._scheduler.admit(
+                (r for r in running if not r.done and not r.cancelled), reserve=self._reserve
+            )
             now = time.monotonic()
             for seq in admitted:
                 seq.clock.admitted = now
@@ -297,6 +327,13 @@ class Engine:
             self.metrics.running_requests.set(self.running)
             self.metrics.waiting_requests.set(len(self._scheduler))
 
+    def _reserve(self, seq: Sequence) -> bool:
+        """Give an admitted request its module's slot; False (it waits) while every slot is busy."""
+        if seq.module is None:
+            return True
+        seq.resident = self.adapters.reserve(seq.adapter, seq.module)
+        return seq.resident is not None
+
     def _take_score_jobs(self) -> list[_ScoreJob]:
         jobs: list[_ScoreJob] = []
         budget = self.config.max_prefill_tokens
@@ -307,6 +344,10 @@ class Engine:
                 continue
             if jobs and job.padded_tokens > budget:
                 break
+            if job.module is not None:
+                job.resident = self.adapters.reserve(job.adapter, job.module)
+                if job.resident is None:
+                    break  # every slot is busy: it waits
             budget -= job.padded_tokens
             jobs.append(self._score_jobs.popleft())
         return jobs
@@ -315,12 +356,17 @@ class Engine:
         rows = (self._batch.rows if self._batch else []) + admitted
         self._batch = None
         for seq in rows:
+            self._release(seq.resident)
             if not seq.done:
                 seq.finish_reason = FinishReason.CANCELLED
                 seq.events.put_nowait(exc)
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(exc)
+
+    def _release(self, resident: Resident | None) -> None:
+        if resident is not None:
+            self.adapters.release(resident)
 
     def _deliver(self, seq: Sequence, event: Event) -> None:
         seq.events.put_nowait(event)
@@ -359,10 +405,14 @@ class Engine:
         for job in jobs:
             start = time.perf_counter()
             try:
-                job.result = self._runner.score(job.pairs)
+                if job.resident is not None:
+                    self.adapters.materialize(job.resident)
+                job.result = self._runner.score(job.pairs, job.resident)
             except Exception as exc:  # reported to that caller alone
                 log.exception("score request %s failed", job.request_id)
                 job.result = EngineFailure(f"scoring failed: {exc}")
+            finally:
+                self._release(job.resident)
             self.metrics.step_duration.labels("score").observe(time.perf_counter() - start)
             out.scored.append(job)
         new_batch = self._prefill(admitted, out) if admitted else None
@@ -379,7 +429,12 @@ class Engine:
         for seq in self._batch.rows:
             if seq.cancelled and not seq.done:
                 out.events.append((seq, seq.finish(FinishReason.CANCELLED)))
-        keep = [i for i, seq in enumerate(self._batch.rows) if not seq.done]
+        keep = []
+        for i, seq in enumerate(self._batch.rows):
+            if seq.done:
+                self._release(seq.resident)
+            else:
+                keep.append(i)
         if not keep:
             self._batch = None
         else:
@@ -387,7 +442,12 @@ class Engine:
 
     def _prefill(self, admitted: list[Sequence], out: _StepOutput) -> Batch:
         start = time.perf_counter()
-        batch, logits = self._runner.prefill([s.prompt_ids for s in admitted], admitted)
+        for seq in admitted:
+            if seq.resident is not None:
+                self.adapters.materialize(seq.resident)
+        batch, logits = self._runner.prefill(
+            [s.prompt_ids for s in admitted], admitted, [s.resident for s in admitted]
+        )
         elapsed = time.perf_counter() - start
         self.metrics.step_duration.labels("prefill").observe(elapsed)
         for seq in admitted:

@@ -8,7 +8,7 @@ past `max_queued_requests` a new request is refused as overloaded rather than le
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from plugboard_server.engine.config import EngineConfig
@@ -49,13 +49,20 @@ class Scheduler:
         items, self._waiting = list(self._waiting), deque()
         return items
 
-    def admit(self, running: Iterable[Schedulable]) -> list[Schedulable]:
-        """Pop the waiting requests that fit beside `running`, in arrival order."""
+    def admit(
+        self, running: Iterable[Schedulable], reserve: Callable[[Schedulable], bool] | None = None
+    ) -> list[Schedulable]:
+        """Pop the waiting requests that fit beside `running`, in arrival order.
+
+        `reserve(item)` is asked last, for a resource the item needs (its module's slot); an item it
+        refuses keeps its place in the queue and the items behind it may go first.
+        """
         running = list(running)
         cfg = self._config
         free_rows = cfg.max_batch_size - len(running)
         tokens = sum(r.budget_tokens for r in running)
         admitted: list[Schedulable] = []
+        blocked: deque[Schedulable] = deque()
         longest = 0
         while self._waiting and len(admitted) < free_rows:
             item = self._waiting[0]
@@ -66,7 +73,12 @@ class Scheduler:
             if admitted and padded > cfg.max_prefill_tokens:
                 break
             self._waiting.popleft()
+            if reserve is not None and not reserve(item):
+                blocked.append(item)
+                continue
             admitted.append(item)
             tokens += item.budget_tokens
             longest = max(longest, item.input_len)
+        blocked.extend(self._waiting)
+        self._waiting = blocked
         return admitted

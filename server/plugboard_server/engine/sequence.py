@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from plugboard_server.adapters.manager import Resident
+from plugboard_server.adapters.types import AdapterWeights
 from plugboard_server.engine.detokenize import IncrementalDetokenizer
 from plugboard_server.engine.sampling import SamplingRow
 from plugboard_server.engine.stops import StopMatcher
@@ -55,12 +57,15 @@ class Sequence:
         tokenizer: Any,
         eos_ids: frozenset[int],
         adapter: str = "",
+        module: AdapterWeights | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
         self.seed = seed
-        self.adapter = adapter
+        self.adapter = adapter  # "name@version", "" for the base model
+        self.module = module
+        self.resident: Resident | None = None  # the module's slot, once admitted
         self.clock = Clock()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.generated: list[int] = []
@@ -91,7 +96,8 @@ class Sequence:
 
     @property
     def budget_tokens(self) -> int:
-        return self.input_len + self.max_new_tokens
+        virtual = self.module.spec.num_virtual_tokens if self.module is not None else 0
+        return self.input_len + virtual + self.max_new_tokens
 
     @property
     def done(self) -> bool:

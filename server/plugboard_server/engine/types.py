@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from plugboard_server.registry.store import AdapterRef
+
 
 class FinishReason(enum.Enum):
     LENGTH = "length"  # max_new_tokens reached
@@ -44,7 +46,7 @@ class GenerateInput:
 
     prompt: str = ""
     messages: tuple[ChatMessage, ...] = ()
-    adapter: str = ""
+    adapter: AdapterRef | None = None  # the module version to apply; None = the base model
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
 
@@ -54,7 +56,7 @@ class ScoreInput:
     prompt: str = ""
     messages: tuple[ChatMessage, ...] = ()
     choices: tuple[str, ...] = ()
-    adapter: str = ""
+    adapter: AdapterRef | None = None
     request_id: str = ""
 
 
@@ -153,3 +155,6 @@ class ModelInfo:
     num_key_value_heads: int
     head_dim: int
     adapter_kinds: tuple[str, ...]  # module kinds applied: "PREFIX", "PROMPT", "LORA"
+    max_loaded_adapters: int
+    max_lora_rank: int
+    max_prefix_tokens: int

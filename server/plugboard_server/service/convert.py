@@ -6,6 +6,7 @@ from plugboard.v1 import adapters_pb2
 from plugboard.v1 import generation_pb2 as pb
 
 from plugboard_server.engine import types as t
+from plugboard_server.registry.store import AdapterRef
 
 _FINISH = {
     t.FinishReason.LENGTH: pb.LENGTH,
@@ -33,22 +34,22 @@ def sampling_params(p: pb.GenerationParams) -> t.SamplingParams:
     )
 
 
-def generate_input(req: pb.GenerateRequest) -> t.GenerateInput:
+def generate_input(req: pb.GenerateRequest, adapter: AdapterRef | None) -> t.GenerateInput:
     return t.GenerateInput(
         prompt=req.prompt,
         messages=messages(req.messages),
-        adapter=req.adapter,
+        adapter=adapter,
         params=sampling_params(req.params),
         request_id=req.request_id,
     )
 
 
-def score_input(req: pb.ScoreRequest) -> t.ScoreInput:
+def score_input(req: pb.ScoreRequest, adapter: AdapterRef | None) -> t.ScoreInput:
     return t.ScoreInput(
         prompt=req.prompt,
         messages=messages(req.messages),
         choices=tuple(req.choices),
-        adapter=req.adapter,
+        adapter=adapter,
         request_id=req.request_id,
     )
 
@@ -136,5 +137,8 @@ def model_info(i: t.ModelInfo, server_version: str) -> pb.ModelInfoResponse:
         num_key_value_heads=i.num_key_value_heads,
         head_dim=i.head_dim,
         adapter_kinds=[adapters_pb2.AdapterKind.Value(k) for k in i.adapter_kinds],
+        max_loaded_adapters=i.max_loaded_adapters,
+        max_lora_rank=i.max_lora_rank,
+        max_prefix_tokens=i.max_prefix_tokens,
         server_version=server_version,
     )

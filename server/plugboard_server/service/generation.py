@@ -12,29 +12,37 @@ from plugboard_server import __version__
 from plugboard_server.engine.engine import Engine
 from plugboard_server.engine.types import Finished
 from plugboard_server.metrics import Metrics
+from plugboard_server.registry.store import AdapterRef, AdapterStore
 from plugboard_server.service import convert
 from plugboard_server.service.errors import rpc
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, engine: Callable[[], Engine], metrics: Metrics) -> None:
+    def __init__(self, engine: Callable[[], Engine], store: AdapterStore, metrics: Metrics) -> None:
         # `engine` raises NotReady until the model is loaded: the server answers health checks
         # (NOT_SERVING) and refuses calls with UNAVAILABLE while it loads.
         self._engine = engine
+        self._store = store
         self.metrics = metrics
+
+    def _resolve(self, adapter: str) -> AdapterRef | None:
+        """ "" -> the base model; "name", "name@7", "name@alias" -> the version it names."""
+        return self._store.resolve(adapter) if adapter else None
 
     @rpc("Generate")
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        result = await self._engine().generate(convert.generate_input(request))
+        engine = self._engine()
+        result = await engine.generate(convert.generate_input(request, self._resolve(request.adapter)))
         return convert.generate_response(result)
 
     @rpc("GenerateStream")
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        stream = await self._engine().submit(convert.generate_input(request))
+        engine = self._engine()
+        stream = await engine.submit(convert.generate_input(request, self._resolve(request.adapter)))
         try:
             async for event in stream:
                 if isinstance(event, Finished):
@@ -48,7 +56,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     @rpc("Score")
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
-        return convert.score_response(await self._engine().score(convert.score_input(request)))
+        engine = self._engine()
+        return convert.score_response(
+            await engine.score(convert.score_input(request, self._resolve(request.adapter)))
+        )
 
     @rpc("Tokenize")
     async def Tokenize(

@@ -15,7 +15,7 @@ from plugboard_server.engine.types import (
     ScoreInput,
     TokenDelta,
 )
-from plugboard_server.errors import AdapterNotFound, InvalidRequest, NotReady, Overloaded
+from plugboard_server.errors import InvalidRequest, NotReady, Overloaded
 from plugboard_server.models.loading import load_model
 
 PROMPTS = ["The quick brown fox", "Plugboard serves", "What is the capital of France?", "Café 🙂 東京"]
@@ -200,8 +200,6 @@ async def test_bad_requests_are_refused_before_queueing(engine):
     )
     with pytest.raises(InvalidRequest, match="context"):
         await engine.submit(_req(prompt_300, SamplingParams(max_new_tokens=250)))
-    with pytest.raises(AdapterNotFound):
-        await engine.submit(GenerateInput(prompt="x", adapter="sentiment"))
     with pytest.raises(InvalidRequest):
         await engine.score(ScoreInput(prompt="x", choices=("only",)))
     with pytest.raises(InvalidRequest, match="longest choice"):

@@ -1,0 +1,1 @@
+"""Where modules come from: the registry interface and its stores."""
