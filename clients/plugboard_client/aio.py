@@ -11,9 +11,9 @@ from typing import Any
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from plugboard.v1 import generation_pb2 as pb
 from plugboard.v1 import generation_pb2_grpc
-
 from plugboard_client import requests
 from plugboard_client.client import DEFAULT_TARGET, ChannelOptions, Metadata
 from plugboard_client.errors import DeadlineExceeded, PlugboardError, from_rpc_error

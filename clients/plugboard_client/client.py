@@ -9,9 +9,9 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from plugboard.v1 import generation_pb2 as pb
 from plugboard.v1 import generation_pb2_grpc
-
 from plugboard_client import requests
 from plugboard_client.errors import DeadlineExceeded, PlugboardError, from_rpc_error
 from plugboard_client.requests import Messages

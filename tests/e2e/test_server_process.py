@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from plugboard.v1 import generation_pb2 as pb
 from plugboard_client import Client
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from plugboard_client import Client
 
+from plugboard_client import Client
 from tests.support.server import ServerThread, server_config
 
 

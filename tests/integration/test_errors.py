@@ -7,10 +7,10 @@ import time
 
 import grpc
 import pytest
+
 from plugboard.v1 import generation_pb2 as pb
 from plugboard.v1 import generation_pb2_grpc
 from plugboard_client import Client, ResourceExhausted, Unavailable
-
 from tests.support.server import ServerThread, server_config
 
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND

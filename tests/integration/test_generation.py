@@ -6,6 +6,7 @@ import asyncio
 import threading
 
 import pytest
+
 from plugboard.v1 import generation_pb2 as pb
 from plugboard_client import AsyncClient
 

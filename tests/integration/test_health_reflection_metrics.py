@@ -10,9 +10,9 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
 from plugboard.v1 import adapters_pb2, adapters_pb2_grpc
 from plugboard_client import Client, InvalidArgument
-
 from tests.support.server import ServerThread, server_config
 
 SERVICES = {"plugboard.v1.Generation", "plugboard.v1.Adapters", "grpc.health.v1.Health"}

@@ -7,9 +7,9 @@ import random
 
 import pytest
 import torch
+
 from plugboard_client import AsyncClient, Client, FailedPrecondition, InvalidArgument, NotFound
 from plugboard_server.models.loading import load_model
-
 from tests.support.module_zoo import build_broken, build_zoo
 from tests.support.server import ServerThread, server_config
 from tests.support.tiny_model import build_llama

@@ -27,9 +27,17 @@ class LoraBatch:
     slots: torch.Tensor | None = None  # [n] their slots
     all_rows: bool = False  # every row uses one: skip the row gather / scatter
     rank: int = 0  # the largest rank among the batch's adapters
+    # Bumped whenever the rows' slots (or a slot's weights) change: the layers keep the weights they
+    # gathered for the current rows until then, so decode steps of an unchanged batch gather nothing.
+    version: int = 0
+    _key: torch.Tensor | None = None
 
     def set(self, slots: torch.Tensor, rank: int) -> None:
         """slots [B]: each row's slot, 0 = none; rank: the largest rank among the rows' adapters."""
+        if self._key is not None and self._key.shape == slots.shape and torch.equal(self._key, slots):
+            return
+        self._key = slots.clone()
+        self.version += 1
         used = slots != 0
         n = int(used.sum())
         if n == 0:
@@ -39,6 +47,11 @@ class LoraBatch:
         self.rows = None if self.all_rows else used.nonzero().squeeze(1)
         self.slots = slots if self.all_rows else slots[self.rows]
         self.rank = rank
+
+    def invalidate(self) -> None:
+        """A slot's weights changed: gather again at the next forward."""
+        self._key = None
+        self.version += 1
 
     def clear(self) -> None:
         self.rows = self.slots = None
@@ -74,6 +87,8 @@ class MultiLoraLinear(nn.Module):
             persistent=False,
         )
         self.used_slots: set[int] = set()  # slots holding a non-zero delta for this layer
+        # (LoraBatch.version, A [n, in, r], B [n, r, out]) gathered for the current rows
+        self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def weight(self) -> torch.Tensor:  # code that inspects q_proj.weight (dtype, device) still works
@@ -96,14 +111,17 @@ class MultiLoraLinear(nn.Module):
         batch = self._batch
         if batch.slots is None or not self.used_slots:
             return y
-        r = batch.rank
+        if self._gathered is None or self._gathered[0] != batch.version:
+            r = batch.rank
+            a = self.lora_a[:, :, :r].index_select(0, batch.slots)  # [n, in, r]
+            b = self.lora_b[:, :r, :].index_select(0, batch.slots)  # [n, r, out]
+            self._gathered = (batch.version, a, b)
+        _, a, b = self._gathered
         xs = x if batch.all_rows else x.index_select(0, batch.rows)  # [n, T, in]
-        a = self.lora_a[:, :, :r].index_select(0, batch.slots)  # [n, in, r]
-        b = self.lora_b[:, :r, :].index_select(0, batch.slots)  # [n, r, out]
         delta = torch.bmm(torch.bmm(xs.to(a.dtype), a), b).to(y.dtype)  # [n, T, out]
         if batch.all_rows:
-            return y + delta
-        return y.index_add(0, batch.rows, delta)
+            return y.add_(delta)
+        return y.index_add_(0, batch.rows, delta)
 
 
 class LoraSlots:
@@ -134,3 +152,4 @@ class LoraSlots:
         for path, layer in self.layers.items():
             w = lora.layers.get(path)
             layer.write(slot, w.a if w else None, w.b if w else None)
+        self.batch.invalidate()

@@ -12,22 +12,8 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-
-def make_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A DynamicCache holding the given per-layer (keys, values) [B, H_kv, T, D] without copying them."""
-    cache = DynamicCache()
-    for keys, values in layers:
-        layer = DynamicLayer()
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-        cache.layers.append(layer)
-    return cache
-
-
-def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+from plugboard_server.engine import kvcache
 
 
 @dataclass
@@ -57,10 +43,10 @@ class Batch:
         # masked gap between its prefix and its prompt, so count from each row's first real column.)
         start = int(mask.argmax(dim=1).min())
         self.attention_mask = mask[:, start:]
-        self.cache = make_cache(
+        self.cache = kvcache.make_cache(
             [
                 (k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:])
-                for k, v in cache_layers(self.cache)
+                for k, v in kvcache.cache_layers(self.cache)
             ]
         )
         self.positions = self.positions.index_select(0, idx)
@@ -76,18 +62,8 @@ class Batch:
         if len(batches) == 1:
             return batches[0]
         width = max(b.cache_len for b in batches)
-        masks, per_layer = [], [[] for _ in batches[0].cache.layers]
-        for b in batches:
-            pad = width - b.cache_len
-            masks.append(torch.nn.functional.pad(b.attention_mask, (pad, 0)))
-            for i, (k, v) in enumerate(cache_layers(b.cache)):
-                # F.pad on dim -2 of [B, H, T, D]: (0, 0) for D, then (pad, 0) for T.
-                per_layer[i].append(
-                    (torch.nn.functional.pad(k, (0, 0, pad, 0)), torch.nn.functional.pad(v, (0, 0, pad, 0)))
-                )
-        cache = make_cache(
-            [(torch.cat([k for k, _ in kvs]), torch.cat([v for _, v in kvs])) for kvs in per_layer]
-        )
+        masks = [torch.nn.functional.pad(b.attention_mask, (width - b.cache_len, 0)) for b in batches]
+        cache = kvcache.concatenate([b.cache for b in batches], [b.cache_len for b in batches], width)
         return cls(
             rows=[r for b in batches for r in b.rows],
             cache=cache,

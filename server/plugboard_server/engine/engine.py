@@ -27,7 +27,7 @@ from plugboard_server.engine.batch import Batch
 from plugboard_server.engine.config import EngineConfig
 from plugboard_server.engine.runner import ModelRunner
 from plugboard_server.engine.sampling import sample
-from plugboard_server.engine.scheduler import Scheduler
+from plugboard_server.engine.scheduler import Scheduler, plan_prefill
 from plugboard_server.engine.sequence import Event, Sequence
 from plugboard_server.engine.stream import GenerationStream
 from plugboard_server.engine.types import (
@@ -441,19 +441,24 @@ class Engine:
             self._batch.filter(keep)
 
     def _prefill(self, admitted: list[Sequence], out: _StepOutput) -> Batch:
-        start = time.perf_counter()
+        """Prefill the admitted rows, grouped by length so that short rows are not padded to long ones."""
         for seq in admitted:
             if seq.resident is not None:
                 self.adapters.materialize(seq.resident)
-        batch, logits = self._runner.prefill(
-            [s.prompt_ids for s in admitted], admitted, [s.resident for s in admitted]
-        )
-        elapsed = time.perf_counter() - start
-        self.metrics.step_duration.labels("prefill").observe(elapsed)
-        for seq in admitted:
-            seq.clock.prefill_seconds = elapsed
-        self._sample_into(batch, logits, out)
-        return batch
+        batches = []
+        for group in plan_prefill([s.input_width for s in admitted]):
+            rows = [admitted[i] for i in group]
+            start = time.perf_counter()
+            batch, logits = self._runner.prefill(
+                [s.prompt_ids for s in rows], rows, [s.resident for s in rows]
+            )
+            elapsed = time.perf_counter() - start
+            self.metrics.step_duration.labels("prefill").observe(elapsed)
+            for seq in rows:
+                seq.clock.prefill_seconds = elapsed
+            self._sample_into(batch, logits, out)
+            batches.append(batch)
+        return Batch.concatenate(batches)
 
     def _decode(self, batch: Batch, out: _StepOutput) -> None:
         start = time.perf_counter()

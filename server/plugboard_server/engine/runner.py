@@ -19,7 +19,8 @@ from transformers import DynamicCache
 
 from plugboard_server.adapters.lora import LoraBatch
 from plugboard_server.adapters.manager import Resident
-from plugboard_server.engine.batch import Batch, make_cache
+from plugboard_server.engine import kvcache
+from plugboard_server.engine.batch import Batch
 from plugboard_server.models.loading import LoadedModel
 
 
@@ -37,6 +38,7 @@ class ModelRunner:
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
+        self._kv_shape = (loaded.num_layers, loaded.num_key_value_heads, loaded.head_dim)
         self.pad_id = int(loaded.tokenizer.pad_token_id or 0)
         self.lora = lora or LoraBatch()
 
@@ -57,16 +59,22 @@ class ModelRunner:
                 if e is not None:  # the virtual tokens take the columns before the prompt
                     start = width - lengths[i]
                     embeds[i, start : start + e.shape[0]] = e.to(embeds.dtype)
-        cache, prefix_mask = self._prefix_cache(modules)
+        cache, prefix_mask = self._prefix_cache(modules, room=width + kvcache.GROW)
         full_mask = mask if prefix_mask is None else torch.cat([prefix_mask, mask], dim=1)
         positions = (full_mask.cumsum(dim=1) - 1).clamp(min=0)[:, -width:]
         return _Inputs(None if embeds is not None else ids, embeds, full_mask, positions, cache)
 
-    def _prefix_cache(self, modules: Sequence[Resident | None]) -> tuple[DynamicCache, torch.Tensor | None]:
+    def _prefix_cache(
+        self, modules: Sequence[Resident | None], room: int
+    ) -> tuple[DynamicCache, torch.Tensor | None]:
+        """A cache holding the rows' prefixes, with `room` free columns after them; and its mask."""
         prefixes = [m.weights.prefix.kv if m and m.weights.prefix is not None else None for m in modules]
         width = max((p.shape[3] for p in prefixes if p is not None), default=0)
         if width == 0:
-            return DynamicCache(), None
+            layers, heads, head_dim = self._kv_shape
+            return kvcache.empty_cache(
+                len(modules), heads, head_dim, layers, room, self.dtype, self.device
+            ), None
         first = next(p for p in prefixes if p is not None)
         layers, _, heads, _, head_dim = first.shape
         # [layers, 2, B, kv_heads, width, head_dim]: each row's prefix right-aligned, zeros before it.
@@ -78,7 +86,7 @@ class ModelRunner:
             if p is not None:
                 kv[:, :, i, :, width - p.shape[3] :, :] = p
                 mask[i, width - p.shape[3] :] = 1
-        return make_cache([(kv[layer, 0], kv[layer, 1]) for layer in range(layers)]), mask
+        return kvcache.make_cache([(kv[layer, 0], kv[layer, 1]) for layer in range(layers)], room), mask
 
     def _set_lora(self, slots: torch.Tensor, ranks: torch.Tensor) -> None:
         self.lora.set(slots, int(ranks.max()) if ranks.numel() else 0)

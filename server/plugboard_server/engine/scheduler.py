@@ -82,3 +82,26 @@ class Scheduler:
         blocked.extend(self._waiting)
         self._waiting = blocked
         return admitted
+
+
+def plan_prefill(lengths: list[int], waste: int = 64) -> list[list[int]]:
+    """Split rows of these input lengths into prefill groups that waste little on padding.
+
+    A padded prefill computes rows x longest tokens. Rows are sorted by length and a new group starts
+    when adding a row would pad more than `waste` tokens (or a fifth of the real tokens, if more):
+    one more forward costs about as much as that many padded tokens. -> groups of row indices.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in order:
+        padded = lengths[i] * (len(current) + 1)  # sorted: this row is the longest so far
+        if current and padded - (real + lengths[i]) > max(waste, (real + lengths[i]) // 5):
+            groups.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += lengths[i]
+    if current:
+        groups.append(current)
+    return groups

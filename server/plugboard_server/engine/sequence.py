@@ -95,6 +95,12 @@ class Sequence:
         return self.params.max_new_tokens
 
     @property
+    def input_width(self) -> int:
+        """Tokens this row feeds the model at prefill: the prompt, and a soft prompt's virtual tokens."""
+        soft = self.module is not None and self.module.prompt is not None
+        return self.input_len + (self.module.spec.num_virtual_tokens if soft else 0)
+
+    @property
     def budget_tokens(self) -> int:
         virtual = self.module.spec.num_virtual_tokens if self.module is not None else 0
         return self.input_len + virtual + self.max_new_tokens

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from plugboard.v1 import adapters_pb2
 from plugboard.v1 import generation_pb2 as pb
-
 from plugboard_server.engine import types as t
 from plugboard_server.registry.store import AdapterRef
 

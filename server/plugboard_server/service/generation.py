@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+
 from plugboard.v1 import generation_pb2 as pb
 from plugboard.v1 import generation_pb2_grpc
-
 from plugboard_server import __version__
 from plugboard_server.engine.engine import Engine
 from plugboard_server.engine.types import Finished

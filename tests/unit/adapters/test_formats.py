@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from plugboard_server.adapters.formats import read_spec
 from plugboard_server.adapters.shape import model_shape
 from plugboard_server.adapters.types import AdapterLimits, ModelShape, ModuleKind
 from plugboard_server.errors import IncompatibleAdapter
-
 from tests.support import peft_modules as pm
 
 LIMITS = AdapterLimits()

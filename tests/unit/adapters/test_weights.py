@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from plugboard_server.adapters import weights as weights_module
 from plugboard_server.adapters.formats import read_spec
 from plugboard_server.adapters.shape import model_shape
 from plugboard_server.adapters.types import AdapterLimits, ModelShape
 from plugboard_server.adapters.weights import read_adapter
 from plugboard_server.errors import IncompatibleAdapter
-
 from tests.support import peft_modules as pm
 
 LIMITS = AdapterLimits()

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from plugboard.v1 import adapters_pb2
 from plugboard.v1 import generation_pb2 as pb
 from plugboard_client import cli

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 
 import grpc
 import grpc.aio
-import plugboard_client
 import pytest
+
+import plugboard_client
 from plugboard_client import errors
 from plugboard_client.errors import (
     PlugboardError,

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 from plugboard.v1 import generation_pb2 as pb
 from plugboard_client import requests
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from plugboard_server.engine.batch import Batch
 from plugboard_server.engine.runner import ModelRunner
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from plugboard_server.engine.config import EngineConfig
 from plugboard_server.engine.engine import Engine
 from plugboard_server.engine.types import (

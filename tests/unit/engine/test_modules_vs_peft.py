@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from plugboard_server.engine.engine import Engine
 from plugboard_server.engine.runner import ModelRunner
 from plugboard_server.engine.types import GenerateInput, SamplingParams
 from plugboard_server.models.loading import load_model
 from plugboard_server.registry.store import AdapterRef
-
 from tests.support import peft_modules as pm
 from tests.support.tiny_model import build_gpt2
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import torch
+
 from plugboard_server.engine.sampling import SamplingRow, sample
 from plugboard_server.engine.types import SamplingParams
 

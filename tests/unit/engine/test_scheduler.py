@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+
 from plugboard_server.engine.config import EngineConfig
 from plugboard_server.engine.scheduler import Scheduler
 from plugboard_server.errors import Overloaded
@@ -63,3 +64,17 @@ def test_cancelled_items_are_dropped():
     s.enqueue(b)
     assert s.drop_cancelled() == [b]
     assert s.admit([]) == [a]
+
+
+def test_prefill_groups_keep_padding_small():
+    from plugboard_server.engine.scheduler import plan_prefill
+
+    assert plan_prefill([10, 12, 11]) == [[0, 2, 1]]  # little padding: one forward
+    groups = plan_prefill([15] * 20 + [31] * 10)
+    assert groups == [list(range(20)), list(range(20, 30))]  # 20 rows x 16 padded tokens: split
+    lengths = [5, 300, 7, 290, 6]
+    groups = plan_prefill(lengths)
+    assert sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]
+    for g in groups:
+        width = max(lengths[i] for i in g)
+        assert width * len(g) - sum(lengths[i] for i in g) <= max(64, sum(lengths[i] for i in g) // 5)

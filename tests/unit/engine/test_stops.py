@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from plugboard_server.engine.stops import StopMatcher
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from plugboard_server.engine.config import EngineConfig
 from plugboard_server.engine.types import ChatMessage, SamplingParams
 from plugboard_server.engine.validation import check_choices, check_input, check_lengths, resolve_params

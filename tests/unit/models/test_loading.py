@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from plugboard_server.errors import ModelLoadError
 from plugboard_server.models import gguf
 from plugboard_server.models.fingerprint import fingerprint
