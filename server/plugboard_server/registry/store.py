@@ -1,43 +1,107 @@
-"""The registry interface the server reads modules through, and how requests name a module.
+"""The registry interface, its value types, and how requests name a module.
 
-A request names a module as "name" (the latest version), "name@7" (version 7) or "name@alias".
+A request names a module as "name" (its latest version), "name@7" (version 7) or "name@alias".
+Versions are immutable; `latest` is an implicit alias of the highest version.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from plugboard_server.errors import AdapterNotFound, InvalidRequest
+from plugboard_server.errors import AdapterNotFound, InvalidRequest, PlugboardError
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# An alias may not be all digits, or "name@7" would be ambiguous.
+ALIAS_PATTERN = re.compile(r"^(?![0-9]+$)[a-z0-9][a-z0-9._-]{0,63}$")
 LATEST = "latest"
+CONFIG_FILE = "adapter_config.json"
+
+
+class AliasInUse(PlugboardError):
+    """Deleting a version an alias points at, without force."""
 
 
 @dataclass(frozen=True)
 class AdapterRef:
-    """One immutable version of a module, and where its PEFT files are."""
+    """One immutable version of a module, where its PEFT files are, and their expected checksums."""
 
     name: str
     version: int
     path: Path
+    sha256: tuple[tuple[str, str], ...] = ()  # (file name, hex digest); empty: not checked
 
     @property
     def key(self) -> str:
         return f"{self.name}@{self.version}"
 
 
-def parse_ref(ref: str) -> tuple[str, str]:
-    """'name', 'name@7' or 'name@alias' -> (name, selector); the selector of a bare name is 'latest'."""
-    name, _, selector = ref.partition("@")
+@dataclass(frozen=True)
+class ModuleFacts:
+    """What validation against the base model found; stored with each version."""
+
+    kind: str  # "PREFIX", "PROMPT", "LORA"
+    peft_type: str  # PREFIX_TUNING, PROMPT_TUNING, P_TUNING, LORA
+    base_model: str  # the base model's fingerprint
+    rank: int = 0
+    num_virtual_tokens: int = 0
+    target_modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModuleVersion:
+    """One stored version of a module, with everything the registry knows about it."""
+
+    name: str
+    version: int
+    facts: ModuleFacts
+    size_bytes: int
+    files: Mapping[str, str]  # file name -> sha256 hex
+    created_at: float  # unix seconds
+    path: Path
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # JSON-compatible
+    aliases: tuple[str, ...] = ()  # aliases pointing here; "latest" included when it is the latest
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def ref(self) -> AdapterRef:
+        return AdapterRef(self.name, self.version, self.path, tuple(sorted(self.files.items())))
+
+
+def check_name(name: str, what: str = "name") -> str:
     if not NAME_PATTERN.match(name):
         raise InvalidRequest(
-            f"{ref!r} is not a module name: letters, digits, '.', '_' and '-', 1 to 128 characters",
-            field="adapter",
+            f"{name!r} is not a valid module {what}: lowercase letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit, at most 64 characters",
+            field=what,
         )
-    if "@" in ref and not NAME_PATTERN.match(selector):
+    return name
+
+
+def check_alias(alias: str) -> str:
+    if alias == LATEST:
+        raise InvalidRequest("'latest' always means the highest version; it cannot be set", field="alias")
+    if not ALIAS_PATTERN.match(alias):
+        raise InvalidRequest(
+            f"{alias!r} is not a valid alias: like a name, and not all digits", field="alias"
+        )
+    return alias
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """'name', 'name@7' or 'name@alias' -> (name, selector); the selector of a bare name is 'latest'."""
+    name, at, selector = ref.partition("@")
+    check_name(name, "adapter")
+    if at and not (selector.isdigit() or ALIAS_PATTERN.match(selector) or selector == LATEST):
         raise InvalidRequest(
             f"{ref!r}: the version or alias after '@' is empty or malformed", field="adapter"
         )
@@ -45,17 +109,68 @@ def parse_ref(ref: str) -> tuple[str, str]:
 
 
 class AdapterStore(Protocol):
-    """Read access to modules. The registry issue adds publishing, aliases and deletion."""
+    """Read access to modules: what the Generation service needs."""
 
     def resolve(self, ref: str) -> AdapterRef:
         """The version `ref` names; raises AdapterNotFound (or InvalidRequest for a malformed ref)."""
         ...
 
     def list(self) -> list[AdapterRef]:
-        """Every servable version."""
+        """Every servable version (for the server's checks at start)."""
         ...
 
 
-def not_found(ref: str, known: list[str]) -> AdapterNotFound:
+class RegistryStore(AdapterStore, Protocol):
+    """The full registry: publish, list, alias, delete. Safe across threads and processes."""
+
+    def staging(self) -> AbstractContextManager[Path]:
+        """A fresh empty directory on the registry's filesystem to assemble a version in; removed on exit."""
+        ...
+
+    def publish(
+        self,
+        name: str,
+        source: Path,
+        facts: ModuleFacts,
+        *,
+        description: str = "",
+        tags: tuple[str, ...] = (),
+        metadata: Mapping[str, Any] | None = None,
+        alias: str | None = None,
+    ) -> ModuleVersion:
+        """Store the files in `source` (a staging dir, moved; or any dir, copied) as the next version."""
+        ...
+
+    def get(self, ref: str) -> ModuleVersion: ...
+
+    def versions(self, name: str) -> list[ModuleVersion]: ...
+
+    def list_versions(
+        self,
+        *,
+        page_size: int = 100,
+        page_token: str = "",
+        kind: str = "",
+        tag: str = "",
+        name_prefix: str = "",
+        all_versions: bool = False,
+    ) -> tuple[list[ModuleVersion], str]:
+        """One page, ordered by name then version; -> (versions, next page token or "")."""
+        ...
+
+    def set_alias(self, name: str, alias: str, version: int) -> ModuleVersion: ...
+
+    def delete(self, name: str, version: int | None = None, *, force: bool = False) -> list[str]:
+        """Delete one version, or every version of `name`; -> the deleted "name@version" keys."""
+        ...
+
+    def count(self) -> tuple[int, int]:
+        """(modules, versions) in the registry."""
+        ...
+
+
+def not_found(ref: str, known: list[str] | None = None) -> AdapterNotFound:
+    if known is None:
+        return AdapterNotFound(f"no module {ref!r}")
     hint = f"; known modules: {', '.join(sorted(known)[:10])}" if known else "; no modules are registered"
     return AdapterNotFound(f"no module {ref!r}{hint}")
