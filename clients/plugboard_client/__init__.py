@@ -7,8 +7,9 @@
         reply = client.generate(messages=[{"role": "user", "content": "Hi!"}], max_new_tokens=32)
         print(reply.text)
 
-Responses are the protobuf messages of `plugboard.v1.generation_pb2`; failed calls raise the
-`PlugboardError` subclasses exported here.
+Responses are the protobuf messages of `plugboard.v1.generation_pb2` (and `adapters_pb2` for the
+module registry methods: list_adapters, register_adapter, ...); failed calls raise the `PlugboardError`
+subclasses exported here. The registry's admin methods need `Client(..., token=ADMIN_TOKEN)`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from plugboard_client.aio import AsyncClient
 from plugboard_client.client import DEFAULT_TARGET, Client
 from plugboard_client.errors import (
+    AlreadyExists,
     Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
@@ -33,6 +35,7 @@ from plugboard_client.errors import (
 
 __all__ = [
     "DEFAULT_TARGET",
+    "AlreadyExists",
     "AsyncClient",
     "Cancelled",
     "Client",

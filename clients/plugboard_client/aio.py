@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -12,10 +13,11 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from plugboard.v1 import adapters_pb2 as apb
+from plugboard.v1 import adapters_pb2_grpc, generation_pb2_grpc
 from plugboard.v1 import generation_pb2 as pb
-from plugboard.v1 import generation_pb2_grpc
-from plugboard_client import requests
-from plugboard_client.client import DEFAULT_TARGET, ChannelOptions, Metadata
+from plugboard_client import adapters, requests
+from plugboard_client.client import DEFAULT_TARGET, ChannelOptions, Metadata, call_metadata
 from plugboard_client.errors import DeadlineExceeded, PlugboardError, from_rpc_error
 from plugboard_client.requests import Messages
 
@@ -35,10 +37,11 @@ class AsyncClient:
         metadata: Metadata | None = None,
         options: ChannelOptions | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self.metadata: tuple[tuple[str, str], ...] = tuple(metadata or ())
+        self.metadata: tuple[tuple[str, str], ...] = call_metadata(metadata, token)
         opts = list(options or ())
         self.channel: grpc.aio.Channel = (
             grpc.aio.secure_channel(target, credentials, options=opts)
@@ -47,6 +50,7 @@ class AsyncClient:
         )
         self._generation = generation_pb2_grpc.GenerationStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._adapters = adapters_pb2_grpc.AdaptersStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -220,3 +224,129 @@ class AsyncClient:
                 if status.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             await asyncio.sleep(max(0.0, min(poll_interval, deadline - time.monotonic())))
+
+    # The module registry (the Adapters service). Refs are "name", "name@7" or "name@alias".
+
+    async def list_adapters(
+        self,
+        *,
+        kind: str | int = "",
+        tag: str = "",
+        name_prefix: str = "",
+        all_versions: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> apb.ListAdaptersResponse:
+        """One page of modules (the latest version of each unless `all_versions`); kind "" = any."""
+        request = adapters.list_request(
+            kind=kind,
+            tag=tag,
+            name_prefix=name_prefix,
+            all_versions=all_versions,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return await self._unary(self._adapters.ListAdapters, request, timeout)
+
+    def iter_adapters(
+        self,
+        *,
+        kind: str | int = "",
+        tag: str = "",
+        name_prefix: str = "",
+        all_versions: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> AsyncIterator[apb.AdapterInfo]:
+        """Every matching module, page after page: `async for info in client.iter_adapters(...)`.
+
+        Not a coroutine: argument errors raise here; `timeout` applies to each page's call.
+        """
+        request = adapters.list_request(
+            kind=kind,
+            tag=tag,
+            name_prefix=name_prefix,
+            all_versions=all_versions,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return self._pages(request, timeout)
+
+    async def _pages(
+        self, request: apb.ListAdaptersRequest, timeout: float | None
+    ) -> AsyncGenerator[apb.AdapterInfo, None]:
+        while True:
+            response = await self._unary(self._adapters.ListAdapters, request, timeout)
+            for info in response.adapters:
+                yield info
+            if not response.next_page_token:
+                return
+            request = adapters.next_page(request, response.next_page_token)
+
+    async def get_adapter(self, ref: str, *, timeout: float | None = None) -> apb.AdapterInfo:
+        return await self._unary(self._adapters.GetAdapter, apb.GetAdapterRequest(adapter=ref), timeout)
+
+    async def register_adapter(
+        self,
+        directory: str | Path,
+        *,
+        name: str,
+        description: str = "",
+        tags: str | Iterable[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+        alias: str = "",
+        chunk_size: int = adapters.DEFAULT_CHUNK_SIZE,
+        timeout: float | None = None,
+    ) -> apb.AdapterInfo:
+        """Upload a PEFT `save_pretrained()` directory as the next version of `name`; admin token needed.
+
+        As `Client.register_adapter`; files are hashed and read in worker threads, off the event loop.
+        """
+        requests_ = await asyncio.to_thread(
+            adapters.upload_requests,
+            directory,
+            name=name,
+            description=description,
+            tags=tags,
+            metadata=metadata,
+            alias=alias,
+            chunk_size=chunk_size,
+        )
+        source = adapters.RequestSource(requests_)
+        try:
+            return await self._adapters.RegisterAdapter(
+                source, timeout=self._timeout(timeout), metadata=self.metadata
+            )
+        except (grpc.RpcError, asyncio.CancelledError) as err:
+            # grpc.aio cancels the call when the request iterator raises, and the await then raises
+            # CancelledError; the local error says why. A CancelledError of our own task propagates.
+            if source.error is not None:
+                raise source.error from err
+            if isinstance(err, asyncio.CancelledError):
+                raise
+            raise from_rpc_error(err) from err
+
+    async def delete_adapter(
+        self, ref: str, *, force: bool = False, timeout: float | None = None
+    ) -> apb.DeleteAdapterResponse:
+        """Delete one version ("name@7") or every version ("name"); `force` even if an alias points at it."""
+        request = apb.DeleteAdapterRequest(adapter=ref, force=force)
+        return await self._unary(self._adapters.DeleteAdapter, request, timeout)
+
+    async def set_alias(
+        self, name: str, alias: str, version: int, *, timeout: float | None = None
+    ) -> apb.AdapterInfo:
+        """Point `name@alias` at `version`; returns that version's info."""
+        request = apb.SetAliasRequest(name=name, alias=alias, version=version)
+        return await self._unary(self._adapters.SetAlias, request, timeout)
+
+    async def load_adapter(self, ref: str, *, timeout: float | None = None) -> apb.AdapterInfo:
+        """Load into a device slot and pin it there."""
+        return await self._unary(self._adapters.LoadAdapter, apb.LoadAdapterRequest(adapter=ref), timeout)
+
+    async def unload_adapter(self, ref: str, *, timeout: float | None = None) -> apb.AdapterInfo:
+        """Unpin and evict from the device."""
+        request = apb.UnloadAdapterRequest(adapter=ref)
+        return await self._unary(self._adapters.UnloadAdapter, request, timeout)

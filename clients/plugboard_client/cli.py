@@ -1,6 +1,7 @@
-"""The `plugboard` command line: generate, score, tokenize, info and health against a running server.
+"""The `plugboard` command line: generate, score, tokenize, info, health and adapters against a server.
 
 `main(argv, client_factory=...)` takes the client factory as an argument so tests can inject a fake.
+The `adapters` subcommands live in cli_adapters.py.
 """
 
 from __future__ import annotations
@@ -11,16 +12,19 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import closing
+from pathlib import Path
 from typing import Any, TextIO
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from plugboard_client import cli_adapters
 from plugboard_client.client import DEFAULT_TARGET, Client
 from plugboard_client.errors import PlugboardError
 
-# Called as factory(target, timeout=seconds_or_None); anything with Client's methods and close() will do.
+# Called as factory(target, timeout=seconds_or_None), plus token=... when a token file is given;
+# anything with Client's methods and close() will do.
 ClientFactory = Callable[..., Client]
 
 
@@ -32,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"server address host:port (default: $PLUGBOARD_TARGET, else {DEFAULT_TARGET})",
     )
     parser.add_argument("--timeout", type=float, metavar="S", help="per-call deadline in seconds")
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        default=os.environ.get("PLUGBOARD_TOKEN_FILE") or None,
+        metavar="PATH",
+        help="file holding the admin token that `adapters` register/delete/alias/load/unload need "
+        "(default: $PLUGBOARD_TOKEN_FILE)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="generate a completion")
@@ -65,7 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     health = sub.add_parser("health", help="print the health status; exit 0 only when SERVING")
     health.add_argument("--service", default="", help="a service name (default: the whole server)")
+
+    cli_adapters.add_parser(sub)
     return parser
+
+
+def read_token_file(path: Path) -> str:
+    """The admin token in `path`, surrounding whitespace (the trailing newline) stripped."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read the token file {path}: {err}") from err
+    if not token:
+        raise ValueError(f"the token file {path} is empty")
+    return token
 
 
 def _add_text_args(p: argparse.ArgumentParser) -> None:
@@ -83,9 +108,16 @@ def main(argv: Sequence[str] | None = None, *, client_factory: ClientFactory | N
     args = parser.parse_args(argv)
     if getattr(args, "raw", False) and getattr(args, "system", None) is not None:
         parser.error("--system needs the chat template; it cannot be combined with --raw")
+    kwargs: dict[str, Any] = {"timeout": args.timeout}
+    if args.token_file is not None:
+        # Read before connecting: a bad path is a usage error, reported without touching the server.
+        try:
+            kwargs["token"] = read_token_file(args.token_file)
+        except ValueError as err:
+            parser.error(f"--token-file / $PLUGBOARD_TOKEN_FILE: {err}")
     factory = client_factory or Client
     try:
-        with closing(factory(args.target, timeout=args.timeout)) as client:
+        with closing(factory(args.target, **kwargs)) as client:
             return _COMMANDS[args.command](client, args, sys.stdout)
     except (PlugboardError, ValueError) as err:  # ValueError: refused before sending
         print(f"error: {err}", file=sys.stderr)
@@ -230,6 +262,7 @@ _COMMANDS: dict[str, Callable[[Client, argparse.Namespace, TextIO], int]] = {
     "tokenize": cmd_tokenize,
     "info": cmd_info,
     "health": cmd_health,
+    "adapters": cli_adapters.run,
 }
 
 

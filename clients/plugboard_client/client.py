@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from plugboard.v1 import adapters_pb2 as apb
+from plugboard.v1 import adapters_pb2_grpc, generation_pb2_grpc
 from plugboard.v1 import generation_pb2 as pb
-from plugboard.v1 import generation_pb2_grpc
-from plugboard_client import requests
+from plugboard_client import adapters, requests
 from plugboard_client.errors import DeadlineExceeded, PlugboardError, from_rpc_error
 from plugboard_client.requests import Messages
 
@@ -21,11 +23,27 @@ Metadata = Sequence[tuple[str, str]]
 ChannelOptions = Sequence[tuple[str, Any]]
 
 
+def call_metadata(metadata: Metadata | None, token: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata sent with every call: `metadata`, plus the admin bearer token when one is given."""
+    out = tuple(metadata or ())
+    if token is None:
+        return out
+    # Checked here, not by gRPC at call time: a token read from a file with its newline, or pasted
+    # with a space, would otherwise fail every call with a puzzling metadata error or a wrong-token one.
+    if not token or token != token.strip() or not all(" " < c <= "~" for c in token):
+        raise ValueError("token must be non-empty printable ASCII without whitespace")
+    if any(key.lower() == "authorization" for key, _ in out):
+        raise ValueError("give the token either as token= or as 'authorization' metadata, not both")
+    return (*out, ("authorization", f"Bearer {token}"))
+
+
 class Client:
     """A blocking client for one plugboard server.
 
     `timeout` is the default per-call deadline in seconds (None: no deadline); every method's own
-    `timeout=` overrides it. `metadata` is sent with every call. `credentials` makes a TLS channel.
+    `timeout=` overrides it. `metadata` is sent with every call, and so is `token` (as
+    `authorization: Bearer <token>`), which the admin RPCs need: register, delete, alias, load, unload.
+    `credentials` makes a TLS channel.
     Failed calls raise `plugboard_client.PlugboardError` subclasses, never bare `grpc.RpcError`.
     """
 
@@ -37,10 +55,11 @@ class Client:
         metadata: Metadata | None = None,
         options: ChannelOptions | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self.metadata: tuple[tuple[str, str], ...] = tuple(metadata or ())
+        self.metadata: tuple[tuple[str, str], ...] = call_metadata(metadata, token)
         opts = list(options or ())
         self.channel: grpc.Channel = (
             grpc.secure_channel(target, credentials, options=opts)
@@ -49,6 +68,7 @@ class Client:
         )
         self._generation = generation_pb2_grpc.GenerationStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._adapters = adapters_pb2_grpc.AdaptersStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -225,3 +245,121 @@ class Client:
                 if status.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             time.sleep(max(0.0, min(poll_interval, deadline - time.monotonic())))
+
+    # The module registry (the Adapters service). Refs are "name", "name@7" or "name@alias".
+
+    def list_adapters(
+        self,
+        *,
+        kind: str | int = "",
+        tag: str = "",
+        name_prefix: str = "",
+        all_versions: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> apb.ListAdaptersResponse:
+        """One page of modules (the latest version of each unless `all_versions`); kind "" = any."""
+        request = adapters.list_request(
+            kind=kind,
+            tag=tag,
+            name_prefix=name_prefix,
+            all_versions=all_versions,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return self._unary(self._adapters.ListAdapters, request, timeout)
+
+    def iter_adapters(
+        self,
+        *,
+        kind: str | int = "",
+        tag: str = "",
+        name_prefix: str = "",
+        all_versions: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> Iterator[apb.AdapterInfo]:
+        """Every matching module, page after page (`timeout` applies to each page's call)."""
+        # Built here, not in the generator, so argument errors surface at the call site.
+        request = adapters.list_request(
+            kind=kind,
+            tag=tag,
+            name_prefix=name_prefix,
+            all_versions=all_versions,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return self._pages(request, timeout)
+
+    def _pages(self, request: apb.ListAdaptersRequest, timeout: float | None) -> Iterator[apb.AdapterInfo]:
+        while True:
+            response = self._unary(self._adapters.ListAdapters, request, timeout)
+            yield from response.adapters
+            if not response.next_page_token:
+                return
+            request = adapters.next_page(request, response.next_page_token)
+
+    def get_adapter(self, ref: str, *, timeout: float | None = None) -> apb.AdapterInfo:
+        return self._unary(self._adapters.GetAdapter, apb.GetAdapterRequest(adapter=ref), timeout)
+
+    def register_adapter(
+        self,
+        directory: str | Path,
+        *,
+        name: str,
+        description: str = "",
+        tags: str | Iterable[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+        alias: str = "",
+        chunk_size: int = adapters.DEFAULT_CHUNK_SIZE,
+        timeout: float | None = None,
+    ) -> apb.AdapterInfo:
+        """Upload a PEFT `save_pretrained()` directory as the next version of `name`; admin token needed.
+
+        Sends adapter_config.json and the *.safetensors files only. Raises ValueError before any call for
+        a directory the server would refuse (see `adapters.upload_requests`), OSError if a file cannot
+        be read. `timeout` covers the whole upload.
+        """
+        source = adapters.RequestSource(
+            adapters.upload_requests(
+                directory,
+                name=name,
+                description=description,
+                tags=tags,
+                metadata=metadata,
+                alias=alias,
+                chunk_size=chunk_size,
+            )
+        )
+        try:
+            return self._adapters.RegisterAdapter(
+                source, timeout=self._timeout(timeout), metadata=self.metadata
+            )
+        except grpc.RpcError as err:
+            if source.error is not None:  # gRPC only says CANCELLED; the local error says why
+                raise source.error from err
+            raise from_rpc_error(err) from err
+
+    def delete_adapter(
+        self, ref: str, *, force: bool = False, timeout: float | None = None
+    ) -> apb.DeleteAdapterResponse:
+        """Delete one version ("name@7") or every version ("name"); `force` even if an alias points at it."""
+        request = apb.DeleteAdapterRequest(adapter=ref, force=force)
+        return self._unary(self._adapters.DeleteAdapter, request, timeout)
+
+    def set_alias(
+        self, name: str, alias: str, version: int, *, timeout: float | None = None
+    ) -> apb.AdapterInfo:
+        """Point `name@alias` at `version`; returns that version's info."""
+        request = apb.SetAliasRequest(name=name, alias=alias, version=version)
+        return self._unary(self._adapters.SetAlias, request, timeout)
+
+    def load_adapter(self, ref: str, *, timeout: float | None = None) -> apb.AdapterInfo:
+        """Load into a device slot and pin it there."""
+        return self._unary(self._adapters.LoadAdapter, apb.LoadAdapterRequest(adapter=ref), timeout)
+
+    def unload_adapter(self, ref: str, *, timeout: float | None = None) -> apb.AdapterInfo:
+        """Unpin and evict from the device."""
+        return self._unary(self._adapters.UnloadAdapter, apb.UnloadAdapterRequest(adapter=ref), timeout)

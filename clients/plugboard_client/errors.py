@@ -70,11 +70,19 @@ class Cancelled(PlugboardError):
 
 
 class Unauthenticated(PlugboardError):
+    """E.g. an admin RPC sent without a token (see `Client(token=...)`)."""
+
     default_code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class PermissionDenied(PlugboardError):
+    """E.g. a wrong admin token."""
+
     default_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class AlreadyExists(PlugboardError):
+    default_code = grpc.StatusCode.ALREADY_EXISTS
 
 
 class FailedPrecondition(PlugboardError):
@@ -102,6 +110,7 @@ _BY_CODE: dict[grpc.StatusCode, type[PlugboardError]] = {
         Cancelled,
         Unauthenticated,
         PermissionDenied,
+        AlreadyExists,
         FailedPrecondition,
         Unimplemented,
         Internal,

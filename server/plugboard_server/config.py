@@ -28,9 +28,14 @@ class ServerConfig:
         "or a Hugging Face id already in the local cache",
         "default",
     )
-    registry: Path = _opt("registry directory for modules", Path("var/registry"))
+    registry: Path = _opt("registry directory (versions, aliases; shared by replicas)", Path("var/registry"))
     adapters_dir: Path | None = _opt(
-        "serve the PEFT modules in this directory, one subdirectory per module (named by it)", None
+        "import the PEFT modules in this directory into the registry at start, one subdirectory per module "
+        "(named by it); unchanged modules are not imported again",
+        None,
+    )
+    admin_token_file: Path | None = _opt(
+        "file holding the bearer token the admin RPCs (register, delete, alias, load, unload) require", None
     )
     host: str = _opt("address the gRPC server binds", "127.0.0.1")
     port: int = _opt("gRPC port (0 picks a free one)", 50051)
@@ -76,6 +81,13 @@ class ServerConfig:
     max_prefix_tokens: int = _opt(
         "most virtual tokens of a prefix or soft prompt", _ENGINE_DEFAULTS.max_prefix_tokens
     )
+    max_host_adapters: int = _opt(
+        "module versions kept in host memory (LRU)", _ENGINE_DEFAULTS.max_host_adapters
+    )
+    max_upload_bytes: int = _opt("largest module upload (RegisterAdapter), all files together", 1 << 30)
+    top_adapters: int = _opt(
+        "per-module metrics get their own label for this many names, the rest 'other'", 20
+    )
     max_message_bytes: int = _opt("largest gRPC message received or sent", 4 * 1024 * 1024)
     grace_period: float = _opt("seconds to finish in-flight requests after SIGTERM", 30.0)
     log_level: str = _opt("logging level", "info", choices=("debug", "info", "warning", "error"))
@@ -91,6 +103,7 @@ class ServerConfig:
             default_max_new_tokens=self.default_max_new_tokens,
             max_stop_sequences=self.max_stop_sequences,
             max_loaded_adapters=self.max_loaded_adapters,
+            max_host_adapters=self.max_host_adapters,
             max_lora_rank=self.max_lora_rank,
             max_prefix_tokens=self.max_prefix_tokens,
         )
@@ -105,6 +118,8 @@ class ServerConfig:
             "default_max_new_tokens",
             "max_message_bytes",
             "max_loaded_adapters",
+            "max_host_adapters",
+            "max_upload_bytes",
             "max_lora_rank",
             "max_prefix_tokens",
         ):

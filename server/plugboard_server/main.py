@@ -28,7 +28,10 @@ from plugboard_server.engine.types import GenerateInput, SamplingParams
 from plugboard_server.errors import NotReady
 from plugboard_server.metrics import Metrics, serve_metrics
 from plugboard_server.models.loading import LoadedModel, load_model
-from plugboard_server.registry.directory import DirectoryStore
+from plugboard_server.registry.importer import import_directory
+from plugboard_server.registry.local import LocalStore
+from plugboard_server.service.adapters import AdaptersServicer
+from plugboard_server.service.auth import AdminAuthInterceptor, read_token
 from plugboard_server.service.generation import GenerationServicer
 
 log = logging.getLogger("plugboard_server")
@@ -43,7 +46,7 @@ class PlugboardServer:
     def __init__(self, config: ServerConfig, loader: Callable[[], LoadedModel] | None = None) -> None:
         """`loader` replaces loading `config.model` (tests hand in a tiny model, or a slow one)."""
         self.config = config
-        self.metrics = Metrics()
+        self.metrics = Metrics(top_adapters=config.top_adapters)
         self.engine: Engine | None = None
         self._loader = loader or functools.partial(
             load_model,
@@ -71,19 +74,25 @@ class PlugboardServer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         cfg.registry.mkdir(parents=True, exist_ok=True)
+        interceptors = []
+        if cfg.admin_token_file is not None:
+            interceptors.append(AdminAuthInterceptor(read_token(cfg.admin_token_file)))
         self._grpc = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
-            ]
+            ],
         )
-        self.store = DirectoryStore(cfg.adapters_dir)
+        self.store = LocalStore(cfg.registry)
         generation_pb2_grpc.add_GenerationServicer_to_server(
             GenerationServicer(self._engine, self.store, self.metrics), self._grpc
         )
-        # The Adapters handlers come with the registry; until then every call answers UNIMPLEMENTED.
-        adapters_pb2_grpc.add_AdaptersServicer_to_server(adapters_pb2_grpc.AdaptersServicer(), self._grpc)
+        adapters_pb2_grpc.add_AdaptersServicer_to_server(
+            AdaptersServicer(self._engine, self.store, self.metrics, max_upload_bytes=cfg.max_upload_bytes),
+            self._grpc,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         for service in ("", GENERATION, ADAPTERS):
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -123,7 +132,14 @@ class PlugboardServer:
         loaded = await asyncio.to_thread(self._loader)
         engine = Engine(loaded, self.config.engine_config(), self.metrics)
         await engine.start()
-        await asyncio.to_thread(engine.adapters.check, self.store.list())
+        if self.config.adapters_dir is not None:
+            published = await asyncio.to_thread(
+                import_directory, self.store, self.config.adapters_dir, engine.describe_module
+            )
+            log.info("imported %d module versions from %s", len(published), self.config.adapters_dir)
+        modules, versions = await asyncio.to_thread(self.store.count)
+        self.metrics.registry_modules.set(modules)
+        self.metrics.registry_versions.set(versions)
         start = time.perf_counter()
         await engine.generate(GenerateInput(prompt="Hello", params=SamplingParams(max_new_tokens=2)))
         log.info("warm-up generation took %.2fs", time.perf_counter() - start)

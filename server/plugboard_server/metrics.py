@@ -6,6 +6,7 @@ process. Label sets are bounded: method names, status codes, finish reasons and 
 
 from __future__ import annotations
 
+import threading
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -25,8 +26,56 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 _TOKEN_COUNT_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
+class ResidencyGauge:
+    """1 per (module version, tier) it is resident in; a label set leaves when the module leaves the tier.
+
+    Bounded by the cache sizes (device slots + host entries). A router reads it to send a module's
+    requests to the replicas that hold it warm.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._gauge = Gauge(
+            "plugboard_adapter_resident",
+            "1 while the module version is resident in the tier (device or host)",
+            ["adapter", "tier"],
+            registry=registry,
+        )
+        self._present: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def set_resident(self, adapter: str, tier: str) -> None:
+        with self._lock:
+            self._gauge.labels(adapter, tier).set(1)
+            self._present.add((adapter, tier))
+
+    def remove_if_present(self, adapter: str, tier: str) -> None:
+        with self._lock:
+            if (adapter, tier) in self._present:
+                self._present.discard((adapter, tier))
+                self._gauge.remove(adapter, tier)
+
+
+class ModuleLabels:
+    """Bounded label values for per-module series: the first `limit` module names seen, then "other"."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._names: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, adapter: str) -> str:
+        name = adapter.partition("@")[0] or "base"
+        with self._lock:
+            if name in self._names:
+                return name
+            if len(self._names) < self.limit:
+                self._names.add(name)
+                return name
+        return "other"
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, top_adapters: int = 20) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)
@@ -100,6 +149,50 @@ class Metrics:
             "plugboard_model_load_seconds", "Time taken to load the model", registry=r
         )
         self.model = Info("plugboard_model", "The base model being served", registry=r)
+        # ----- modules and the registry
+        self.adapter_loads = Counter(
+            "plugboard_adapter_loads",
+            "Module loads into a tier (disk -> host memory, host -> device slot), by outcome",
+            ["tier", "outcome"],
+            registry=r,
+        )
+        self.adapter_load_seconds = Histogram(
+            "plugboard_adapter_load_seconds",
+            "Time to load a module from a tier (disk: read + checksum + validate; host: into a slot)",
+            ["tier"],
+            buckets=(*_TOKEN_LATENCY_BUCKETS, 5, 10, 30),
+            registry=r,
+        )
+        self.adapter_cache = Counter(
+            "plugboard_adapter_cache",
+            "Module cache lookups by tier and result (hit, miss)",
+            ["tier", "result"],
+            registry=r,
+        )
+        self.adapter_evictions = Counter(
+            "plugboard_adapter_evictions", "Modules evicted from a tier", ["tier"], registry=r
+        )
+        self.adapters_resident = Gauge(
+            "plugboard_adapters_resident", "Modules resident per tier", ["tier"], registry=r
+        )
+        self.adapter_resident = ResidencyGauge(r)
+        self.registry_modules = Gauge("plugboard_registry_modules", "Modules in the registry", registry=r)
+        self.registry_versions = Gauge(
+            "plugboard_registry_versions", "Module versions in the registry", registry=r
+        )
+        self.module_label = ModuleLabels(top_adapters)
+        self.adapter_requests = Counter(
+            "plugboard_adapter_requests",
+            'Finished generations per module ("base" = none; "other" past the first N names)',
+            ["adapter"],
+            registry=r,
+        )
+        self.adapter_generated_tokens = Counter(
+            "plugboard_adapter_generated_tokens",
+            'Tokens generated per module ("base" = none; "other" past the first N names)',
+            ["adapter"],
+            registry=r,
+        )
 
 
 def serve_metrics(metrics: Metrics, host: str, port: int) -> WSGIServer:

@@ -18,5 +18,6 @@ class EngineConfig:
     max_stop_length: int = 256  # characters per stop sequence
     max_score_choices: int = 64
     max_loaded_adapters: int = 32  # device slots for modules
+    max_host_adapters: int = 128  # module versions kept in host memory
     max_lora_rank: int = 16  # LoRA slot buffers are this wide
     max_prefix_tokens: int = 128  # virtual tokens of a prefix or soft prompt

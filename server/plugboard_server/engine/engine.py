@@ -18,6 +18,7 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from plugboard_server.adapters.manager import AdapterManager, Resident
 from plugboard_server.adapters.shape import model_shape
@@ -45,7 +46,7 @@ from plugboard_server.engine.types import (
 from plugboard_server.errors import InvalidRequest, NotReady, Overloaded, PlugboardError
 from plugboard_server.metrics import Metrics
 from plugboard_server.models.loading import LoadedModel
-from plugboard_server.registry.store import AdapterRef
+from plugboard_server.registry.store import AdapterRef, ModuleFacts
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,11 @@ class Engine:
             loaded.model,
             model_shape(loaded.model),
             max_slots=cfg.max_loaded_adapters,
+            max_host=cfg.max_host_adapters,
             limits=AdapterLimits(max_lora_rank=cfg.max_lora_rank, max_prefix_tokens=cfg.max_prefix_tokens),
             dtype=loaded.dtype,
             device=loaded.device,
+            metrics=self.metrics,
         )
         self._runner = ModelRunner(loaded, self.adapters.lora.batch)
         self._scheduler = Scheduler(self.config)
@@ -251,6 +254,35 @@ class Engine:
             scores, best, adapter=adapter, prompt_tokens=len(prompt_ids), request_id=request_id
         )
 
+    # ----- module administration (the Adapters service) ---------------------------------------
+
+    async def module_facts(self, path: Path) -> ModuleFacts:
+        """Validate a module directory against this base model -> what the registry stores with it."""
+        return await asyncio.to_thread(self.describe_module, path)
+
+    def describe_module(self, path: Path) -> ModuleFacts:
+        """module_facts, blocking (reads the config and the safetensors header)."""
+        spec = self.adapters.validate(path)
+        return ModuleFacts(
+            kind=spec.kind.value,
+            peft_type=spec.peft_type,
+            base_model=self.loaded.fingerprint,
+            rank=spec.rank,
+            num_virtual_tokens=spec.num_virtual_tokens,
+            target_modules=spec.target_modules,
+        )
+
+    async def pin_module(self, ref: AdapterRef) -> None:
+        """Load a module to a device slot and keep it there (LoadAdapter)."""
+        await asyncio.to_thread(self.adapters.pin, ref)
+
+    def unload_module(self, key: str) -> None:
+        """Unpin and evict a module version from host and device; running rows keep it to their end."""
+        self.adapters.unload(key)
+
+    def residency(self, key: str) -> tuple[str, bool]:
+        return self.adapters.residency(key)
+
     def info(self) -> ModelInfo:
         m = self.loaded
         return ModelInfo(
@@ -380,6 +412,9 @@ class Engine:
         m.generated_tokens.inc(fin.generated_tokens)
         m.request_prompt_tokens.observe(fin.prompt_tokens)
         m.request_generated_tokens.observe(fin.generated_tokens)
+        label = m.module_label(seq.adapter)
+        m.adapter_requests.labels(label).inc()
+        m.adapter_generated_tokens.labels(label).inc(fin.generated_tokens)
         if seq.clock.admitted is not None:
             m.queue_duration.observe(t.queue_seconds)
         if seq.clock.first_token is not None:

@@ -101,7 +101,7 @@ def parse_ref(ref: str) -> tuple[str, str]:
     """'name', 'name@7' or 'name@alias' -> (name, selector); the selector of a bare name is 'latest'."""
     name, at, selector = ref.partition("@")
     check_name(name, "adapter")
-    if at and not (selector.isdigit() or ALIAS_PATTERN.match(selector) or selector == LATEST):
+    if at and not ((selector.isascii() and selector.isdigit()) or ALIAS_PATTERN.match(selector)):
         raise InvalidRequest(
             f"{ref!r}: the version or alias after '@' is empty or malformed", field="adapter"
         )

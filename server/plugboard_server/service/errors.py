@@ -23,6 +23,7 @@ from plugboard_server.errors import (
     PlugboardError,
 )
 from plugboard_server.metrics import Metrics
+from plugboard_server.registry.store import AliasInUse
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ _STATUS: tuple[tuple[type[PlugboardError], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
     (IncompatibleAdapter, grpc.StatusCode.FAILED_PRECONDITION),
+    (AliasInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
     (ModelLoadError, grpc.StatusCode.UNAVAILABLE),
@@ -92,6 +94,7 @@ class _Outcome:
         self.metrics, self.method = metrics, method
         self.code = grpc.StatusCode.OK
         self.start = time.perf_counter()
+        self._recorded = False
 
     async def fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
         """Abort the RPC with the mapped status (raises), or re-raise what is not ours to map."""
@@ -102,15 +105,20 @@ class _Outcome:
             self.code, trailers = status_for(exc)
             if trailers:
                 context.set_trailing_metadata(trailers)
+            self.record()  # before the status reaches the client, which may look at /metrics at once
             await context.abort(self.code, str(exc))
         if isinstance(exc, grpc.aio.AbortError) or _is_abort(exc):
             self.code = context.code() or grpc.StatusCode.UNKNOWN
             raise exc
         self.code = grpc.StatusCode.INTERNAL
         log.exception("%s failed unexpectedly", self.method, exc_info=exc)
+        self.record()
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {self.method}")
 
     def record(self) -> None:
+        if self._recorded:
+            return
+        self._recorded = True
         self.metrics.requests.labels(self.method, self.code.name).inc()
         self.metrics.request_duration.labels(self.method).observe(time.perf_counter() - self.start)
 

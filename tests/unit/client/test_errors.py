@@ -50,6 +50,7 @@ EXPECTED = {
     grpc.StatusCode.CANCELLED: plugboard_client.Cancelled,
     grpc.StatusCode.UNAUTHENTICATED: plugboard_client.Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: plugboard_client.PermissionDenied,
+    grpc.StatusCode.ALREADY_EXISTS: plugboard_client.AlreadyExists,
     grpc.StatusCode.FAILED_PRECONDITION: plugboard_client.FailedPrecondition,
     grpc.StatusCode.UNIMPLEMENTED: plugboard_client.Unimplemented,
     grpc.StatusCode.INTERNAL: plugboard_client.Internal,

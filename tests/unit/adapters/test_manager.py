@@ -1,0 +1,113 @@
+"""The two-tier module cache: LRU, pinning and in-use protection, asserted on the slot map itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from plugboard_server.adapters.manager import AdapterManager
+from plugboard_server.adapters.shape import model_shape
+from plugboard_server.adapters.types import AdapterLimits
+from plugboard_server.errors import IncompatibleAdapter, Overloaded
+from plugboard_server.models.loading import load_model
+from plugboard_server.registry.store import AdapterRef
+from tests.support import peft_modules as pm
+
+
+@pytest.fixture(scope="module")
+def module_dirs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cache-modules")
+    makers = {
+        "a": lambda out: pm.lora(tiny_model_dir, out, r=2, seed=1),
+        "b": lambda out: pm.prefix(tiny_model_dir, out, tokens=3, seed=2),
+        "c": lambda out: pm.prompt_tuning(tiny_model_dir, out, tokens=3, seed=3),
+        "d": lambda out: pm.lora(tiny_model_dir, out, r=4, seed=4),
+    }
+    return {name: make(root / name) for name, make in makers.items()}
+
+
+@pytest.fixture
+def manager(tiny_model_dir) -> AdapterManager:
+    loaded = load_model(str(tiny_model_dir))
+    return AdapterManager(
+        loaded.model,
+        model_shape(loaded.model),
+        max_slots=2,
+        max_host=3,
+        limits=AdapterLimits(max_lora_rank=8),
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
+
+
+def _ref(dirs: dict[str, Path], name: str) -> AdapterRef:
+    return AdapterRef(name, 1, dirs[name])
+
+
+def _reserve(manager: AdapterManager, dirs, name: str):
+    ref = _ref(dirs, name)
+    return manager.reserve(ref.key, manager.load(ref))
+
+
+def test_lru_eviction_of_idle_slots(manager, module_dirs):
+    a = _reserve(manager, module_dirs, "a")
+    b = _reserve(manager, module_dirs, "b")
+    assert manager.slot_map() == {"a@1": (a.slot, 1, False), "b@1": (b.slot, 1, False)}
+    assert _reserve(manager, module_dirs, "c") is None  # both slots busy: the request waits
+    manager.release(a)
+    c = _reserve(manager, module_dirs, "c")  # a was idle: its slot goes to c
+    assert c.slot == a.slot
+    assert manager.slot_map() == {"b@1": (b.slot, 1, False), "c@1": (c.slot, 1, False)}
+    assert manager.residency("a@1") == ("HOST", False)
+    again = _reserve(manager, module_dirs, "b")  # a hit: the same slot, one more reference
+    assert again is b and manager.slot_map()["b@1"] == (b.slot, 2, False)
+
+
+def test_pinned_modules_are_never_evicted(manager, module_dirs):
+    pinned = manager.pin(_ref(module_dirs, "a"))
+    assert manager.residency("a@1") == ("DEVICE", True)
+    b = _reserve(manager, module_dirs, "b")
+    manager.release(b)
+    c = _reserve(manager, module_dirs, "c")
+    assert c.slot == b.slot  # b was idle and unpinned; a stays
+    assert set(manager.slot_map()) == {"a@1", "c@1"}
+    with pytest.raises(Overloaded, match="unload one first"):
+        manager.pin(_ref(module_dirs, "d"))  # a pinned, c in use
+    manager.unload("a@1")
+    assert manager.residency("a@1") == ("DISK", False)
+    assert pinned.slot not in {s for s, _, _ in manager.slot_map().values()}
+    assert manager.pin(_ref(module_dirs, "d")).slot == pinned.slot
+
+
+def test_unloading_a_module_in_use_keeps_its_slot_until_the_last_row_leaves(manager, module_dirs):
+    a = _reserve(manager, module_dirs, "a")
+    manager.unload("a@1")
+    assert "a@1" not in manager.slot_map()
+    b = _reserve(manager, module_dirs, "b")
+    assert b.slot != a.slot
+    assert _reserve(manager, module_dirs, "c") is None  # a's slot is still held by its running row
+    manager.release(a)
+    assert _reserve(manager, module_dirs, "c").slot == a.slot
+
+
+def test_host_tier_is_bounded_lru(manager, module_dirs):
+    for name in ("a", "b", "c", "d"):
+        manager.load(_ref(module_dirs, name))
+    assert manager.host_keys() == ["b@1", "c@1", "d@1"]  # max_host=3: a went first
+    manager.load(_ref(module_dirs, "b"))  # a hit moves it to the back
+    assert manager.host_keys() == ["c@1", "d@1", "b@1"]
+
+
+def test_checksums_are_verified_when_reading_from_disk(manager, module_dirs, tmp_path):
+    import shutil
+
+    from plugboard_server.registry.local import verify_files  # noqa: F401 - the function the manager calls
+
+    copy = tmp_path / "a-copy"
+    shutil.copytree(module_dirs["a"], copy)
+    good = AdapterRef("x", 1, copy, (("adapter_config.json", "0" * 64),))
+    with pytest.raises(IncompatibleAdapter, match=r"adapter_config\.json"):
+        manager.load(good)
+    assert manager.residency("x@1") == ("DISK", False)

@@ -1,0 +1,581 @@
+"""LocalStore in one process: versions, refs, aliases, deletes, names, listing, checksums, leftovers."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from plugboard_server.errors import AdapterNotFound, IncompatibleAdapter, InvalidRequest
+from plugboard_server.registry import _sqlite
+from plugboard_server.registry.local import LocalStore, verify_files
+from plugboard_server.registry.store import AliasInUse, ModuleFacts, ModuleVersion
+from tests.unit.registry.conftest import LORA, PREFIX, MakeModule, write_module
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_publish_numbers_versions_and_every_field_round_trips(store: LocalStore, make_module: MakeModule):
+    sources = [make_module(size=100 * (i + 1)) for i in range(3)]
+    before = time.time()
+    published = [
+        store.publish(
+            "sentiment",
+            src,
+            LORA if i < 2 else PREFIX,
+            description=f"take {i}",
+            tags=("nlp", "en") if i else (),
+            metadata={"run": i, "nested": {"lr": 1e-4, "ok": True}, "list": [1, "a", None]},
+        )
+        for i, src in enumerate(sources)
+    ]
+    assert [mv.version for mv in published] == [1, 2, 3]
+    for i, (mv, src) in enumerate(zip(published, sources, strict=True)):
+        got = store.get(f"sentiment@{mv.version}")
+        assert got.name == "sentiment" and got.version == i + 1
+        assert got.facts == (LORA if i < 2 else PREFIX)
+        assert got.files == {f.name: _sha(f) for f in src.iterdir()}
+        assert got.size_bytes == sum(f.stat().st_size for f in src.iterdir())
+        assert before <= got.created_at <= time.time()
+        assert got.description == f"take {i}"
+        assert got.tags == (("nlp", "en") if i else ())
+        assert got.metadata == {"run": i, "nested": {"lr": 1e-4, "ok": True}, "list": [1, "a", None]}
+        assert got.path == store.root / "modules" / "sentiment" / str(i + 1)
+        assert {f.name: f.read_bytes() for f in got.path.iterdir()} == {
+            f.name: f.read_bytes() for f in src.iterdir()
+        }
+        # publish's answer is what get answers, bar "latest" which moved on
+        assert (mv.facts, mv.files, mv.size_bytes, mv.created_at, mv.tags, mv.metadata, mv.path) == (
+            got.facts,
+            got.files,
+            got.size_bytes,
+            got.created_at,
+            got.tags,
+            got.metadata,
+            got.path,
+        )
+        assert mv.aliases == ("latest",)
+        assert src.is_dir()  # a source outside staging is copied, not moved
+    assert [v.version for v in store.versions("sentiment")] == [1, 2, 3]
+    assert store.count() == (1, 3)
+    assert [r.key for r in store.list()] == ["sentiment@1", "sentiment@2", "sentiment@3"]
+
+
+def test_refs_resolve_by_name_version_latest_and_alias(store: LocalStore, make_module: MakeModule):
+    for _ in range(3):
+        store.publish("qa", make_module(), LORA)
+    store.set_alias("qa", "stable", 2)
+    cases = {"qa": 3, "qa@latest": 3, "qa@1": 1, "qa@2": 2, "qa@stable": 2}
+    for ref, version in cases.items():
+        resolved = store.resolve(ref)
+        assert (resolved.name, resolved.version, resolved.key) == ("qa", version, f"qa@{version}")
+        assert resolved.path == store.root / "modules" / "qa" / str(version)
+        assert resolved.sha256 == tuple(sorted(store.get(ref).files.items()))
+        assert store.get(ref).version == version
+    with pytest.raises(AdapterNotFound, match="no module 'nope'"):
+        store.resolve("nope")
+    with pytest.raises(AdapterNotFound, match=r"no version or alias '7'.*qa@3"):
+        store.resolve("qa@7")
+    with pytest.raises(AdapterNotFound, match="'canary'"):
+        store.get("qa@canary")
+    with pytest.raises(AdapterNotFound, match="'99999999999999999999'"):
+        store.resolve("qa@99999999999999999999")  # too large for SQLite: not found, not a crash
+    with pytest.raises(InvalidRequest):
+        store.resolve("qa@")
+
+
+def test_resolve_is_cheap(store: LocalStore, make_module: MakeModule):
+    store.publish("fast", make_module(), LORA)
+    store.set_alias("fast", "prod", 1)
+    for ref in ("fast", "fast@1", "fast@prod"):
+        start = time.perf_counter()
+        for _ in range(200):
+            store.resolve(ref)
+        per_call = (time.perf_counter() - start) / 200
+        print(f"resolve({ref!r}): {per_call * 1e6:.0f} µs")
+        assert per_call < 1e-3
+
+
+def test_aliases_set_moved_and_listed(store: LocalStore, make_module: MakeModule):
+    for _ in range(3):
+        store.publish("ner", make_module(), LORA)
+    assert store.set_alias("ner", "prod", 3).aliases == ("prod", "latest")
+    assert store.set_alias("ner", "canary", 3).aliases == ("canary", "prod", "latest")
+    moved = store.set_alias("ner", "prod", 2)  # roll back
+    assert (moved.version, moved.aliases) == (2, ("prod",))
+    assert store.resolve("ner@prod").version == 2
+    assert store.get("ner@3").aliases == ("canary", "latest")
+    assert store.get("ner@1").aliases == ()
+    assert [v.aliases for v in store.versions("ner")] == [(), ("prod",), ("canary", "latest")]
+    # the same alias on another module is another alias
+    store.publish("pos", make_module(), LORA)
+    store.set_alias("pos", "prod", 1)
+    assert store.resolve("ner@prod").version == 2
+    # publish can point an alias at what it publishes, in the same transaction
+    mv = store.publish("ner", make_module(), LORA, alias="canary")
+    assert mv.aliases == ("canary", "latest")
+    assert store.get("ner@canary").version == 4
+    assert store.get("ner@3").aliases == ()
+
+
+def test_bad_aliases(store: LocalStore, make_module: MakeModule):
+    store.publish("ner", make_module(), LORA)
+    with pytest.raises(InvalidRequest, match="latest"):
+        store.set_alias("ner", "latest", 1)
+    for alias in ("12", "0", "", "Prod", "a/b", "..", "x" * 65):
+        with pytest.raises(InvalidRequest):
+            store.set_alias("ner", alias, 1)
+    with pytest.raises(InvalidRequest):
+        store.publish("ner", make_module(), LORA, alias="7")
+    with pytest.raises(AdapterNotFound, match="'5'"):
+        store.set_alias("ner", "prod", 5)
+    with pytest.raises(AdapterNotFound, match="'other"):
+        store.set_alias("other", "prod", 1)
+    assert store.versions("ner")[0].aliases == ("latest",)
+    assert store.count() == (1, 1)  # the refused publish left nothing behind
+
+
+def test_delete_a_version_and_latest_falls_back(store: LocalStore, make_module: MakeModule):
+    for _ in range(3):
+        store.publish("ner", make_module(), LORA)
+    path3 = store.get("ner@3").path
+    assert store.delete("ner", 3) == ["ner@3"]
+    assert not path3.exists()
+    assert store.resolve("ner").version == 2
+    assert store.get("ner@2").aliases == ("latest",)
+    with pytest.raises(AdapterNotFound):
+        store.resolve("ner@3")
+    # numbers are never reused
+    assert store.publish("ner", make_module(), LORA).version == 4
+    assert store.delete("ner", 1) == ["ner@1"]
+    assert [v.version for v in store.versions("ner")] == [2, 4]
+    with pytest.raises(AdapterNotFound):
+        store.delete("ner", 1)
+    with pytest.raises(AdapterNotFound):
+        store.delete("nope")
+    assert store.count() == (1, 2)
+
+
+def test_delete_all_versions_and_publish_again(store: LocalStore, make_module: MakeModule):
+    for _ in range(2):
+        store.publish("ner", make_module(), LORA)
+    store.publish("other", make_module(), LORA)
+    assert store.delete("ner") == ["ner@1", "ner@2"]
+    assert not (store.root / "modules" / "ner").exists()
+    with pytest.raises(AdapterNotFound, match="no module 'ner'"):
+        store.resolve("ner")
+    with pytest.raises(AdapterNotFound):
+        store.versions("ner")
+    assert store.count() == (1, 1)
+    assert store.publish("ner", make_module(), LORA).version == 3
+
+
+def test_delete_refuses_while_an_alias_points_at_it_unless_forced(store: LocalStore, make_module: MakeModule):
+    for _ in range(3):
+        store.publish("ner", make_module(), LORA)
+    store.set_alias("ner", "prod", 2)
+    store.set_alias("ner", "beta", 2)
+    store.set_alias("ner", "canary", 3)
+    with pytest.raises(AliasInUse, match=r"beta -> ner@2, prod -> ner@2"):
+        store.delete("ner", 2)
+    with pytest.raises(AliasInUse, match="canary"):
+        store.delete("ner")
+    assert store.count() == (1, 3)  # nothing was deleted
+    assert store.delete("ner", 1) == ["ner@1"]  # no alias there
+    assert store.delete("ner", 2, force=True) == ["ner@2"]
+    with pytest.raises(AdapterNotFound):
+        store.resolve("ner@prod")
+    assert store.get("ner@canary").version == 3
+    assert store.delete("ner", force=True) == ["ner@3"]
+    # the forced delete took the aliases with it: a new version does not inherit them
+    store.publish("ner", make_module(), LORA)
+    with pytest.raises(AdapterNotFound):
+        store.resolve("ner@canary")
+
+
+BAD_NAMES = ["", "A", "Sentiment", "a/b", "..", ".", "../x", "x/../../y", "/abs", "-x", "_x", "x" * 65, "a b"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_names_are_refused_everywhere(store: LocalStore, make_module: MakeModule, name: str):
+    src = make_module()
+    before = sorted(p.relative_to(store.root) for p in store.root.rglob("*"))
+    with pytest.raises(InvalidRequest):
+        store.publish(name, src, LORA)
+    with pytest.raises(InvalidRequest):
+        store.delete(name)
+    with pytest.raises(InvalidRequest):
+        store.versions(name)
+    with pytest.raises(InvalidRequest):
+        store.set_alias(name, "prod", 1)
+    with pytest.raises(InvalidRequest):
+        store.resolve(name)
+    with pytest.raises(InvalidRequest):
+        store.publish("ok", src, LORA, tags=(name,))
+    after = sorted(p.relative_to(store.root) for p in store.root.rglob("*"))
+    assert after == before
+
+
+def test_64_character_names_are_fine(store: LocalStore, make_module: MakeModule):
+    name = "a" * 64
+    assert store.publish(name, make_module(), LORA).key == f"{name}@1"
+    assert store.publish("a.b_c-9", make_module(), LORA).key == "a.b_c-9@1"
+
+
+def test_publish_checks_its_source_and_metadata(store: LocalStore, make_module: MakeModule, tmp_path: Path):
+    no_config = tmp_path / "no-config"
+    no_config.mkdir()
+    (no_config / "adapter_model.safetensors").write_bytes(b"x")
+    with pytest.raises(InvalidRequest, match=r"adapter_config\.json"):
+        store.publish("m", no_config, LORA)
+    with_subdir = make_module()
+    (with_subdir / "sub").mkdir()
+    with pytest.raises(InvalidRequest, match="'sub'"):
+        store.publish("m", with_subdir, LORA)
+    with_link = make_module()
+    (with_link / "passwd").symlink_to("/etc/passwd")
+    with pytest.raises(InvalidRequest, match="'passwd'"):
+        store.publish("m", with_link, LORA)
+    with pytest.raises(InvalidRequest):
+        store.publish("m", tmp_path / "missing", LORA)
+    with pytest.raises(InvalidRequest, match="metadata"):
+        store.publish("m", make_module(), LORA, metadata={"when": object()})
+    with pytest.raises(InvalidRequest, match="metadata"):
+        store.publish("m", make_module(), LORA, metadata={"x": float("nan")})
+    with pytest.raises(InvalidRequest, match="metadata"):
+        store.publish("m", make_module(), LORA, metadata={1: "int keys would come back as strings"})
+    assert store.count() == (0, 0)
+    assert list((store.root / "staging").iterdir()) == []
+    # duplicate tags collapse, in order
+    assert store.publish("m", make_module(), LORA, tags=("b", "a", "b")).tags == ("b", "a")
+
+
+def test_staging_dirs_are_removed_after_use(store: LocalStore, make_module: MakeModule):
+    staging_root = store.root / "staging"
+    with store.staging() as d:
+        assert d.parent == staging_root and d.is_dir() and not any(d.iterdir())
+        assert socket.gethostname() in d.name and str(os.getpid()) in d.name
+        write_module(d)
+        mv = store.publish("staged", d, LORA)
+        assert not d.exists()  # moved, not copied
+    assert mv.path.is_dir() and verify_files(mv.ref) is None
+    with store.staging() as d:
+        write_module(d)  # abandoned: never published
+    with pytest.raises(RuntimeError), store.staging() as d:
+        raise RuntimeError
+    store.publish("copied", make_module(), LORA)
+    assert list(staging_root.iterdir()) == []
+
+
+def test_a_failed_publish_leaves_nothing(store: LocalStore, make_module: MakeModule, monkeypatch):
+    store.publish("ner", make_module(), LORA)
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(_sqlite, "insert_version", fail)
+    with store.staging() as d:
+        write_module(d)
+        with pytest.raises(OSError, match="disk full"):
+            store.publish("ner", d, LORA)
+        assert d.is_dir()  # moved back from modules/ner/2 into staging
+    monkeypatch.undo()
+    assert not (store.root / "modules" / "ner" / "2").exists()
+    assert list((store.root / "staging").iterdir()) == []
+    assert store.publish("ner", make_module(), LORA).version == 2
+
+
+def test_a_dir_left_at_the_next_version_by_a_killed_publisher_is_replaced(
+    store: LocalStore, make_module: MakeModule
+):
+    store.publish("ner", make_module(), LORA)
+    # killed between its rename and its commit: version 2's files but no row
+    orphan = write_module(store.root / "modules" / "ner" / "2")
+    (orphan / "junk").write_bytes(b"junk")
+    mv = store.publish("ner", make_module(), LORA)
+    assert mv.version == 2
+    assert sorted(p.name for p in mv.path.iterdir()) == sorted(mv.files)
+    verify_files(mv.ref)
+    assert list((store.root / "staging").iterdir()) == []
+
+
+def test_startup_cleanup(tmp_path: Path, make_module: MakeModule):
+    root = tmp_path / "registry"
+    store = LocalStore(root)
+    kept = store.publish("kept", make_module(), LORA)
+    host, staging, modules = socket.gethostname(), root / "staging", root / "modules"
+    hour_ago = time.time() - 7200
+
+    def stage(name: str, age: float | None = None) -> Path:
+        d = write_module(staging / name)
+        if age is not None:
+            os.utime(d, (time.time() - age, time.time() - age))
+        return d
+
+    dead_pid = _dead_pid()
+    dead_here = stage(f"{host}-{dead_pid}-abc")
+    alive_here = stage(f"{host}-{os.getppid()}-abc")
+    own = stage(f"{host}-{os.getpid()}-abc", age=7200)  # another store in this process may use it
+    young_elsewhere = stage("other-host-1-abc")
+    old_elsewhere = stage("other-host-1-def", age=7200)
+    old_orphan = write_module(modules / "ghost" / "1")
+    os.utime(old_orphan, (hour_ago, hour_ago))
+    young_orphan = write_module(modules / "kept" / "2")
+    deleted_files = write_module(modules / "kept" / "5")  # a delete that did not finish removing
+    os.utime(deleted_files, (hour_ago, hour_ago))
+    LocalStore(root).close()
+    assert not dead_here.exists() and not old_elsewhere.exists()
+    assert alive_here.exists() and own.exists() and young_elsewhere.exists()
+    assert not old_orphan.exists() and not deleted_files.exists() and young_orphan.exists()
+    verify_files(store.resolve("kept"))
+    assert store.get("kept") == kept
+    # with no minimum age (a test knob; the default is 10 minutes) the young orphan goes too
+    LocalStore(root, orphan_min_age_s=0, staging_max_age_s=0).close()
+    assert not young_orphan.exists() and not young_elsewhere.exists() and own.exists()
+    verify_files(store.resolve("kept"))
+
+
+def _dead_pid() -> int:
+    pid = 2**22 - 1
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid -= 1
+
+
+def test_verify_files_detects_corruption_and_missing_files(store: LocalStore, make_module: MakeModule):
+    mv = store.publish("sentiment", make_module(), LORA)
+    mv = store.publish("sentiment", make_module(), LORA)
+    ref = store.resolve("sentiment@2")
+    verify_files(ref)
+    weights = ref.path / "adapter_model.safetensors"
+    weights.chmod(0o644)
+    data = bytearray(weights.read_bytes())
+    data[10] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(
+        IncompatibleAdapter, match=r"checksum mismatch: adapter_model.safetensors of sentiment@2"
+    ):
+        verify_files(ref)
+    (ref.path / "adapter_config.json").unlink()
+    with pytest.raises(IncompatibleAdapter, match=r"adapter_config.json of sentiment@2 is missing"):
+        verify_files(ref)
+    verify_files(store.resolve("sentiment@1"))
+    assert mv.ref == ref
+
+
+def test_a_replica_sees_changes_at_once(tmp_path: Path, make_module: MakeModule):
+    a, b = LocalStore(tmp_path / "reg"), LocalStore(tmp_path / "reg")
+    a.publish("ner", make_module(), LORA)
+    assert b.resolve("ner").version == 1
+    b.publish("ner", make_module(), LORA)
+    assert a.resolve("ner").version == 2
+    a.set_alias("ner", "prod", 1)
+    assert b.resolve("ner@prod").version == 1
+    b.delete("ner", 2)
+    assert a.get("ner").aliases == ("prod", "latest")
+    assert a.count() == b.count() == (1, 1)
+
+
+def test_threads_publish_concurrently(store: LocalStore, make_module: MakeModule):
+    sources = [make_module() for _ in range(4)]
+    results: list[ModuleVersion] = []
+    errors: list[BaseException] = []
+
+    def work(src: Path) -> None:
+        try:
+            for _ in range(5):
+                results.append(store.publish("shared", src, LORA))
+                store.resolve("shared")
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in sources]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(mv.version for mv in results) == list(range(1, 21))
+    for mv in results:
+        verify_files(store.resolve(mv.key))
+
+
+def test_connections_of_finished_threads_are_closed(store: LocalStore, make_module: MakeModule):
+    store.publish("ner", make_module(), LORA)
+
+    def resolve_in_threads(n: int) -> int:
+        for _ in range(n):
+            t = threading.Thread(target=store.resolve, args=("ner",))
+            t.start()
+            t.join()
+            gc.collect()  # a sqlite3.Connection is in a reference cycle with its statement cache
+        return len(os.listdir("/proc/self/fd"))
+
+    # SQLite keeps a closed connection's descriptor for reuse while others hold locks on the file,
+    # so the count may rise at first; what matters is that it does not keep rising.
+    first = resolve_in_threads(20)
+    assert resolve_in_threads(50) - first < 3
+    assert len(store._index._all) <= 2
+
+
+# -- listing ---------------------------------------------------------------------------------------
+
+
+def _walk(store: LocalStore, **filters) -> tuple[list[str], int]:
+    keys, token, pages = [], "", 0
+    while True:
+        page, token = store.list_versions(page_token=token, **filters)
+        keys += [mv.key for mv in page]
+        pages += 1
+        if not token:
+            return keys, pages
+
+
+def test_list_versions_pages_and_filters(store: LocalStore, make_module: MakeModule):
+    store.publish("alpha", make_module(), LORA, tags=("nlp",))
+    store.publish("alpha", make_module(), PREFIX)
+    store.publish("beta", make_module(), LORA, tags=("nlp", "en"))
+    store.publish("beta.two", make_module(), PREFIX, tags=("en",))
+    store.publish("gamma", make_module(), LORA)
+    store.publish("gamma", make_module(), LORA, tags=("nlp",))
+    store.set_alias("gamma", "prod", 1)
+    page, token = store.list_versions(page_size=2)
+    assert [mv.key for mv in page] == ["alpha@2", "beta@1"] and token
+    page, token = store.list_versions(page_size=2, page_token=token)
+    assert [mv.key for mv in page] == ["beta.two@1", "gamma@2"] and token == ""
+    assert page[1].aliases == ("latest",)
+    assert _walk(store, page_size=1) == (["alpha@2", "beta@1", "beta.two@1", "gamma@2"], 4)
+    everything = ["alpha@1", "alpha@2", "beta@1", "beta.two@1", "gamma@1", "gamma@2"]
+    assert _walk(store, page_size=4, all_versions=True) == (everything, 2)
+    assert _walk(store, all_versions=True, page_size=1000)[0] == everything
+    page, _ = store.list_versions(all_versions=True)
+    assert [mv.aliases for mv in page] == [(), ("latest",), ("latest",), ("latest",), ("prod",), ("latest",)]
+    # filters apply to each module's latest version, or to every version with all_versions
+    assert _walk(store, kind="LORA")[0] == ["beta@1", "gamma@2"]
+    assert _walk(store, kind="LORA", all_versions=True)[0] == ["alpha@1", "beta@1", "gamma@1", "gamma@2"]
+    assert _walk(store, tag="nlp")[0] == ["beta@1", "gamma@2"]
+    assert _walk(store, tag="nlp", all_versions=True)[0] == ["alpha@1", "beta@1", "gamma@2"]
+    assert _walk(store, tag="en", kind="PREFIX")[0] == ["beta.two@1"]
+    assert _walk(store, name_prefix="beta")[0] == ["beta@1", "beta.two@1"]
+    assert _walk(store, name_prefix="beta.", page_size=1) == (["beta.two@1"], 1)
+    assert _walk(store, name_prefix="b", tag="nlp")[0] == ["beta@1"]
+    assert _walk(store, name_prefix="zeta")[0] == []
+    assert _walk(store, tag="none")[0] == []
+    page, _ = store.list_versions(tag="en")
+    assert page[0].tags == ("nlp", "en") and page[0].facts == LORA
+    # page_size 0 means the default; a too-large one is capped
+    assert len(store.list_versions(page_size=0, all_versions=True)[0]) == 6
+    # deletes between pages neither repeat nor skip what remains
+    page, token = store.list_versions(page_size=2, all_versions=True)
+    store.delete("alpha")
+    store.delete("beta", 1)
+    assert [mv.key for mv in store.list_versions(page_token=token, all_versions=True)[0]] == [
+        "beta.two@1",
+        "gamma@1",
+        "gamma@2",
+    ]
+
+
+@pytest.mark.parametrize(
+    "token", ["garbage!", "eyJ4IjogMX0=", "WyJhIl0=", "WyJhIiwgIjEiXQ==", "bm90IGpzb24="]
+)
+def test_a_malformed_page_token_is_refused(store: LocalStore, token: str):
+    with pytest.raises(InvalidRequest, match="page token"):
+        store.list_versions(page_token=token)
+
+
+def test_listing_ten_thousand_modules_is_fast(store: LocalStore, make_module: MakeModule):
+    # A few real publishes, then the other rows through the insert publish itself uses, in one
+    # transaction: publishing 10,000 directories takes ~15 s here, and listing reads only the index.
+    for i in range(5):
+        store.publish(f"real-{i}", make_module(), LORA, tags=("real",))
+    kind_of = ["LORA"] * 16 + ["PREFIX"] * 3 + ["PROMPT"]
+    bulk = [  # (name, version, kind, tags): 1 to 3 versions a module; the latest may differ in kind
+        (f"mod-{i:05d}", v, kind_of[(i + v) % 20], _tags(i))
+        for i in range(10_000 - 5)
+        for v in range(1, i % 3 + 2)
+    ]
+    start = time.perf_counter()
+    with store._index.write() as db:
+        for name, v, kind, tags in bulk:
+            facts = ModuleFacts(kind, kind, "base-fingerprint", rank=8)
+            files = {"adapter_config.json": "0" * 64}
+            row = ModuleVersion(name, v, facts, 100, files, time.time(), Path(), tags=tags)
+            _sqlite.insert_version(db, row)
+    print(f"\nbulk insert: {time.perf_counter() - start:.2f} s; (modules, versions) = {store.count()}")
+    rows = [(f"real-{i}", 1, "LORA", ("real",)) for i in range(5)] + bulk
+    assert store.count() == (10_000, len(rows))
+    latest = {name: v for name, v, _, _ in rows}  # rows come in version order
+
+    def expected(kind: str = "", tag: str = "", name_prefix: str = "", all_versions: bool = False) -> int:
+        return sum(
+            1
+            for name, v, k, tags in rows
+            if (all_versions or latest[name] == v)
+            and (not kind or k == kind)
+            and (not tag or tag in tags)
+            and name.startswith(name_prefix)
+        )
+
+    start = time.perf_counter()
+    page, token = store.list_versions(page_size=100)
+    first = time.perf_counter() - start
+    print(f"first page of 100: {first * 1000:.2f} ms")
+    assert len(page) == 100 and token and first < 0.5
+    for filters in [
+        {},
+        {"all_versions": True},
+        {"kind": "PROMPT"},
+        {"kind": "PREFIX", "all_versions": True},
+        {"tag": "common"},
+        {"tag": "rare"},
+        {"tag": "rare", "all_versions": True, "kind": "LORA"},
+        {"name_prefix": "mod-099"},
+        {"name_prefix": "mod-05", "kind": "LORA", "all_versions": True},
+        {"name_prefix": "nothing"},
+    ]:
+        start = time.perf_counter()
+        keys, pages = _walk(store, page_size=100, **filters)
+        per_page = (time.perf_counter() - start) / pages
+        print(f"{filters}: {len(keys)} versions, {pages} pages, {per_page * 1000:.2f} ms per page")
+        assert len(keys) == len(set(keys)) == expected(**filters)
+        assert keys == sorted(keys, key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
+        assert per_page < 0.5
+    assert _walk(store, tag="real")[0] == [f"real-{i}@1" for i in range(5)]
+    start = time.perf_counter()
+    for _ in range(100):
+        store.resolve("mod-09993")
+    print(f"resolve among 10,000 modules: {(time.perf_counter() - start) * 10:.3f} ms")
+
+
+def _tags(i: int) -> tuple[str, ...]:
+    return ("common",) if i % 2 else ("rare",) if i % 100 == 0 else ()
+
+
+def test_the_index_is_plain_sqlite(store: LocalStore, make_module: MakeModule):
+    """The schema other tools may read: one row per version, files and tags as JSON."""
+    import sqlite3
+
+    store.publish("ner", make_module(), LORA, tags=("x",), metadata={"a": 1})
+    db = sqlite3.connect(store.root / "index.sqlite")
+    name, version, files, tags, metadata = db.execute(
+        "SELECT name, version, files, tags, metadata FROM versions"
+    ).fetchone()
+    assert (name, version, json.loads(tags), json.loads(metadata)) == ("ner", 1, ["x"], {"a": 1})
+    assert set(json.loads(files)) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    db.close()
