@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -122,6 +123,20 @@ def test_load_pins_and_unload_evicts(registry_server, modules):
         assert "pinned@1" not in manager.slot_map()
         _text(c, "pinned")
         assert c.get_adapter("pinned").residency == apb.DEVICE  # used, idle, still warm
+    metrics = _scrape(registry_server.metrics_url)
+    assert metrics['plugboard_adapter_loads_total{outcome="ok",tier="disk"}'] >= 2
+    assert metrics['plugboard_adapter_evictions_total{tier="device"}'] >= 1
+    assert metrics['plugboard_adapter_resident{adapter="pinned@1",tier="device"}'] == 1
+    assert metrics['plugboard_adapter_requests_total{adapter="pinned"}'] == 1
+    assert metrics["plugboard_registry_versions"] == 1
+
+
+def _scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {
+        name: float(value)
+        for name, _, value in (line.rpartition(" ") for line in text.splitlines() if line and line[0] != "#")
+    }
 
 
 def test_admin_calls_need_the_token_and_generation_does_not(registry_server, modules):
