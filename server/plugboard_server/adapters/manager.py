@@ -127,17 +127,6 @@ class AdapterManager:
         )
         return weights
 
-    def check(self, refs: list[AdapterRef]) -> dict[str, str]:
-        """Validate modules ahead of use (config and header only, no weights); returns the refused ones."""
-        refused = {}
-        for ref in refs:
-            try:
-                self.validate(ref.path)
-            except IncompatibleAdapter as exc:
-                refused[ref.key] = str(exc)
-                log.warning("module %s will be refused: %s", ref.key, exc)
-        return refused
-
     # ----- host -> device ----------------------------------------------------------------------
 
     def reserve(self, key: str, weights: AdapterWeights, *, pin: bool = False) -> Resident | None:

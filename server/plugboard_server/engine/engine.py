@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import secrets
 import time
 import uuid
@@ -22,18 +21,19 @@ from pathlib import Path
 
 from plugboard_server.adapters.manager import AdapterManager, Resident
 from plugboard_server.adapters.shape import model_shape
-from plugboard_server.adapters.types import AdapterLimits, AdapterWeights, ModuleKind
+from plugboard_server.adapters.types import AdapterLimits, AdapterWeights
 from plugboard_server.engine import validation
 from plugboard_server.engine.batch import Batch
 from plugboard_server.engine.config import EngineConfig
+from plugboard_server.engine.reporting import model_info, record_finish
 from plugboard_server.engine.runner import ModelRunner
 from plugboard_server.engine.sampling import sample
 from plugboard_server.engine.scheduler import Scheduler, plan_prefill
+from plugboard_server.engine.scoring import ScoreJob, score_result
 from plugboard_server.engine.sequence import Event, Sequence
 from plugboard_server.engine.stream import GenerationStream
 from plugboard_server.engine.types import (
     ChatMessage,
-    ChoiceScore,
     Finished,
     FinishReason,
     GenerateInput,
@@ -56,24 +56,9 @@ class EngineFailure(PlugboardError):
 
 
 @dataclass
-class _ScoreJob:
-    request_id: str
-    pairs: list[tuple[list[int], list[int]]]
-    future: asyncio.Future[list[float]]
-    adapter: str = ""
-    module: AdapterWeights | None = None
-    resident: Resident | None = None
-    result: list[float] | BaseException | None = None
-
-    @property
-    def padded_tokens(self) -> int:
-        return len(self.pairs) * max(len(p) + len(c) for p, c in self.pairs)
-
-
-@dataclass
 class _StepOutput:
     events: list[tuple[Sequence, Event]] = field(default_factory=list)
-    scored: list[_ScoreJob] = field(default_factory=list)
+    scored: list[ScoreJob] = field(default_factory=list)
 
 
 class Engine:
@@ -100,7 +85,7 @@ class Engine:
         self._scheduler = Scheduler(self.config)
         self._eos_ids = frozenset(loaded.eos_token_ids)
         self._batch: Batch | None = None
-        self._score_jobs: deque[_ScoreJob] = deque()
+        self._score_jobs: deque[ScoreJob] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plugboard-step")
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -229,7 +214,7 @@ class Engine:
         if len(prompt_ids) + max(len(c) for c in choice_ids) > self.loaded.max_context:
             raise InvalidRequest("the prompt and the longest choice are over the model's context", "choices")
         adapter = inp.adapter.key if inp.adapter else ""
-        job = _ScoreJob(
+        job = ScoreJob(
             request_id,
             [(prompt_ids, c) for c in choice_ids],
             asyncio.get_running_loop().create_future(),
@@ -242,17 +227,7 @@ class Engine:
         self._idle.clear()
         self._wake.set()
         logprobs = await job.future
-        top = max(logprobs)
-        weights = [math.exp(lp - top) for lp in logprobs]
-        total = sum(weights)
-        scores = tuple(
-            ChoiceScore(choice=c, logprob=lp, probability=w / total, tokens=len(ids))
-            for c, lp, w, ids in zip(inp.choices, logprobs, weights, choice_ids, strict=True)
-        )
-        best = max(scores, key=lambda s: s.logprob).choice
-        return ScoreResult(
-            scores, best, adapter=adapter, prompt_tokens=len(prompt_ids), request_id=request_id
-        )
+        return score_result(inp.choices, choice_ids, logprobs, adapter, len(prompt_ids), request_id)
 
     # ----- module administration (the Adapters service) ---------------------------------------
 
@@ -284,33 +259,7 @@ class Engine:
         return self.adapters.residency(key)
 
     def info(self) -> ModelInfo:
-        m = self.loaded
-        return ModelInfo(
-            model=m.spec,
-            name=m.name,
-            fingerprint=m.fingerprint,
-            architecture=m.architecture,
-            dtype=str(m.dtype).removeprefix("torch."),
-            device=str(m.device),
-            quantization=m.quantization,
-            max_context_tokens=m.max_context,
-            max_input_tokens=self.max_input_tokens,
-            max_new_tokens=self.config.max_new_tokens,
-            default_max_new_tokens=self.config.default_max_new_tokens,
-            max_batch_size=self.config.max_batch_size,
-            vocab_size=m.vocab_size,
-            eos_token_ids=m.eos_token_ids,
-            has_chat_template=m.has_chat_template,
-            num_layers=m.num_layers,
-            hidden_size=m.hidden_size,
-            num_attention_heads=m.num_attention_heads,
-            num_key_value_heads=m.num_key_value_heads,
-            head_dim=m.head_dim,
-            adapter_kinds=tuple(k.value for k in ModuleKind),
-            max_loaded_adapters=self.config.max_loaded_adapters,
-            max_lora_rank=self.config.max_lora_rank,
-            max_prefix_tokens=self.config.max_prefix_tokens,
-        )
+        return model_info(self.loaded, self.config, self.max_input_tokens)
 
     async def tokenize(self, text: str, messages: tuple[ChatMessage, ...]) -> Tokenized:
         validation.check_input(text, messages, has_chat_template=self.loaded.has_chat_template)
@@ -366,8 +315,8 @@ class Engine:
         seq.resident = self.adapters.reserve(seq.adapter, seq.module)
         return seq.resident is not None
 
-    def _take_score_jobs(self) -> list[_ScoreJob]:
-        jobs: list[_ScoreJob] = []
+    def _take_score_jobs(self) -> list[ScoreJob]:
+        jobs: list[ScoreJob] = []
         budget = self.config.max_prefill_tokens
         while self._score_jobs:
             job = self._score_jobs[0]
@@ -384,7 +333,7 @@ class Engine:
             jobs.append(self._score_jobs.popleft())
         return jobs
 
-    def _fail_all(self, admitted: list[Sequence], jobs: list[_ScoreJob], exc: Exception) -> None:
+    def _fail_all(self, admitted: list[Sequence], jobs: list[ScoreJob], exc: Exception) -> None:
         rows = (self._batch.rows if self._batch else []) + admitted
         self._batch = None
         for seq in rows:
@@ -403,38 +352,11 @@ class Engine:
     def _deliver(self, seq: Sequence, event: Event) -> None:
         seq.events.put_nowait(event)
         if isinstance(event, Finished):
-            self._record_finish(seq, event)
-
-    def _record_finish(self, seq: Sequence, fin: Finished) -> None:
-        m, t = self.metrics, fin.timing
-        m.finished.labels(fin.reason.value).inc()
-        m.prompt_tokens.inc(fin.prompt_tokens)
-        m.generated_tokens.inc(fin.generated_tokens)
-        m.request_prompt_tokens.observe(fin.prompt_tokens)
-        m.request_generated_tokens.observe(fin.generated_tokens)
-        label = m.module_label(seq.adapter)
-        m.adapter_requests.labels(label).inc()
-        m.adapter_generated_tokens.labels(label).inc(fin.generated_tokens)
-        if seq.clock.admitted is not None:
-            m.queue_duration.observe(t.queue_seconds)
-        if seq.clock.first_token is not None:
-            m.time_to_first_token.observe(t.first_token_seconds)
-            if fin.generated_tokens > 1:
-                decode_time = t.total_seconds - t.first_token_seconds
-                m.time_per_output_token.observe(decode_time / (fin.generated_tokens - 1))
-        log.info(
-            "request_id=%s adapter=%s outcome=%s prompt_tokens=%d generated_tokens=%d total_s=%.3f",
-            seq.request_id,
-            seq.adapter or "-",
-            fin.reason.value,
-            fin.prompt_tokens,
-            fin.generated_tokens,
-            t.total_seconds,
-        )
+            record_finish(self.metrics, seq, event)
 
     # ----- on the step thread ----------------------------------------------------------------
 
-    def _iteration(self, admitted: list[Sequence], jobs: list[_ScoreJob]) -> _StepOutput:
+    def _iteration(self, admitted: list[Sequence], jobs: list[ScoreJob]) -> _StepOutput:
         out = _StepOutput()
         self._drop_finished(out)
         for job in jobs:
