@@ -230,3 +230,18 @@ def test_concurrent_uploads_of_one_name_get_distinct_versions(registry_server, m
     for t in threads:
         t.join()
     assert sorted(versions) == [1, 2, 3, 4]
+
+
+def test_a_version_published_for_another_base_model_is_refused(registry_server, modules):
+    from plugboard_server.registry.store import ModuleFacts
+
+    store = registry_server.server.store
+    with store.staging() as staging:
+        shutil.copytree(modules["lora-v1"], staging, dirs_exist_ok=True)
+        store.publish(
+            "foreign", staging, ModuleFacts("LORA", "LORA", "another-model:0123456789abcdef", rank=4)
+        )
+    with Client(registry_server.target, timeout=30) as c:
+        with pytest.raises(FailedPrecondition, match="another-model"):
+            c.generate(PROMPT, adapter="foreign", max_new_tokens=2)
+        assert c.generate(PROMPT, max_new_tokens=2).generated_tokens == 2

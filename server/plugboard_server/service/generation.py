@@ -11,30 +11,45 @@ from plugboard.v1 import generation_pb2_grpc
 from plugboard_server import __version__
 from plugboard_server.engine.engine import Engine
 from plugboard_server.engine.types import Finished
+from plugboard_server.errors import IncompatibleAdapter
 from plugboard_server.metrics import Metrics
-from plugboard_server.registry.store import AdapterRef, AdapterStore
+from plugboard_server.registry.store import AdapterRef, RegistryStore
 from plugboard_server.service import convert
 from plugboard_server.service.errors import rpc
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, engine: Callable[[], Engine], store: AdapterStore, metrics: Metrics) -> None:
+    def __init__(self, engine: Callable[[], Engine], store: RegistryStore, metrics: Metrics) -> None:
         # `engine` raises NotReady until the model is loaded: the server answers health checks
         # (NOT_SERVING) and refuses calls with UNAVAILABLE while it loads.
         self._engine = engine
         self._store = store
         self.metrics = metrics
 
-    def _resolve(self, adapter: str) -> AdapterRef | None:
-        """ "" -> the base model; "name", "name@7", "name@alias" -> the version it names."""
-        return self._store.resolve(adapter) if adapter else None
+    def _resolve(self, engine: Engine, adapter: str) -> AdapterRef | None:
+        """ "" -> the base model; "name", "name@7", "name@alias" -> the version it names.
+
+        A version published for another base model (replicas may share a registry) is refused.
+        """
+        if not adapter:
+            return None
+        version = self._store.get(adapter)
+        fingerprint = engine.loaded.fingerprint
+        if version.facts.base_model and version.facts.base_model != fingerprint:
+            raise IncompatibleAdapter(
+                f"module {version.key} was made for base model {version.facts.base_model}; "
+                f"this server serves {fingerprint}"
+            )
+        return version.ref
 
     @rpc("Generate")
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         engine = self._engine()
-        result = await engine.generate(convert.generate_input(request, self._resolve(request.adapter)))
+        result = await engine.generate(
+            convert.generate_input(request, self._resolve(engine, request.adapter))
+        )
         return convert.generate_response(result)
 
     @rpc("GenerateStream")
@@ -42,7 +57,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         engine = self._engine()
-        stream = await engine.submit(convert.generate_input(request, self._resolve(request.adapter)))
+        stream = await engine.submit(convert.generate_input(request, self._resolve(engine, request.adapter)))
         try:
             async for event in stream:
                 if isinstance(event, Finished):
@@ -58,7 +73,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         engine = self._engine()
         return convert.score_response(
-            await engine.score(convert.score_input(request, self._resolve(request.adapter)))
+            await engine.score(convert.score_input(request, self._resolve(engine, request.adapter)))
         )
 
     @rpc("Tokenize")
