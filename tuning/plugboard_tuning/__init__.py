@@ -1,0 +1,1 @@
+"""Train, evaluate and publish plugboard modules with PEFT."""
