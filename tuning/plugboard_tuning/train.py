@@ -25,6 +25,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "peft_config",
+    "planned_steps",
     "save",
     "train",
 ]
@@ -54,10 +55,16 @@ class TrainConfig:
     # "text" (prompt tuning: from the embeddings of init_text's tokens; prefix tuning: "zero").
     prefix_init: Literal["zero", "text", "random"] = "zero"
     init_text: str | None = None
+    # Prefix tuning: train the prefix through a two-layer MLP (the original paper's
+    # reparameterisation, steadier on some tasks); the saved module holds the computed prefix only.
+    prefix_projection: bool = False
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     lora_dropout: float = 0.0
+    # Train the end-of-sequence token after each target, so that the served module answers and
+    # stops (a label word, not a label word and then whatever follows).
+    add_eos: bool = True
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = `epochs` passes over the data decide
     learning_rate: float | None = None  # None = DEFAULT_LEARNING_RATES[method]
@@ -146,12 +153,21 @@ def peft_config(cfg: TrainConfig, base_dir: str | Path) -> Any:
     return PrefixTuningConfig(
         task_type=TaskType.CAUSAL_LM,
         num_virtual_tokens=cfg.num_virtual_tokens,
+        # With the projection, "zero" zeroes the MLP's last layer: the prefix starts at zero too.
         init_weights="zero" if zero else None,
+        prefix_projection=cfg.prefix_projection,
     )
 
 
-def _encode(tokenizer: Any, examples: Sequence[Example]) -> list[_Row]:
+def planned_steps(cfg: TrainConfig, examples: int) -> int:
+    """Optimizer steps a run on `examples` examples makes, unless early stopping ends it sooner."""
+    batches_per_epoch = math.ceil(examples / cfg.batch_size)
+    return cfg.max_steps or cfg.epochs * math.ceil(batches_per_epoch / cfg.grad_accum)
+
+
+def _encode(tokenizer: Any, examples: Sequence[Example], add_eos: bool) -> list[_Row]:
     """(input ids, labels) per example: prompt then target tokens, loss on the target only."""
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     rows = []
     for ex in examples:
         # add_special_tokens=False, as the server encodes prompts: the module must learn on the
@@ -160,7 +176,7 @@ def _encode(tokenizer: Any, examples: Sequence[Example]) -> list[_Row]:
         target = tokenizer(ex.target, add_special_tokens=False)["input_ids"]
         if not target:
             raise ValueError(f"example with prompt {ex.prompt[:40]!r} has an empty target")
-        rows.append((prompt + target, [_IGNORE] * len(prompt) + target))
+        rows.append((prompt + target + eos, [_IGNORE] * len(prompt) + target + eos))
     return rows
 
 
@@ -239,10 +255,9 @@ def train(
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    rows = _encode(tokenizer, train)
-    val_rows = _encode(tokenizer, validation) if validation else []
-    batches_per_epoch = math.ceil(len(rows) / cfg.batch_size)
-    total_steps = cfg.max_steps or cfg.epochs * math.ceil(batches_per_epoch / cfg.grad_accum)
+    rows = _encode(tokenizer, train, cfg.add_eos)
+    val_rows = _encode(tokenizer, validation, cfg.add_eos) if validation else []
+    total_steps = planned_steps(cfg, len(rows))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, total_steps))

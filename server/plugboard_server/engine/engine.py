@@ -237,15 +237,7 @@ class Engine:
 
     def describe_module(self, path: Path) -> ModuleFacts:
         """module_facts, blocking (reads the config and the safetensors header)."""
-        spec = self.adapters.validate(path)
-        return ModuleFacts(
-            kind=spec.kind.value,
-            peft_type=spec.peft_type,
-            base_model=self.loaded.fingerprint,
-            rank=spec.rank,
-            num_virtual_tokens=spec.num_virtual_tokens,
-            target_modules=spec.target_modules,
-        )
+        return ModuleFacts.from_spec(self.adapters.validate(path), self.loaded.fingerprint)
 
     async def pin_module(self, ref: AdapterRef) -> None:
         """Load a module to a device slot and keep it there (LoadAdapter)."""

@@ -11,9 +11,12 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from plugboard_server.errors import AdapterNotFound, InvalidRequest, PlugboardError
+
+if TYPE_CHECKING:  # the registry itself needs no torch
+    from plugboard_server.adapters.types import AdapterSpec
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # An alias may not be all digits, or "name@7" would be ambiguous.
@@ -50,6 +53,18 @@ class ModuleFacts:
     rank: int = 0
     num_virtual_tokens: int = 0
     target_modules: tuple[str, ...] = ()
+
+    @classmethod
+    def from_spec(cls, spec: AdapterSpec, base_model: str) -> ModuleFacts:
+        """The facts of a module validated against the base model whose fingerprint is base_model."""
+        return cls(
+            kind=spec.kind.value,
+            peft_type=spec.peft_type,
+            base_model=base_model,
+            rank=spec.rank,
+            num_virtual_tokens=spec.num_virtual_tokens,
+            target_modules=spec.target_modules,
+        )
 
 
 @dataclass(frozen=True)
