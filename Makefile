@@ -22,7 +22,7 @@ REGISTRY ?= ./var/registry
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint proto install install-test model clean
+.PHONY: serve demo test lint proto install install-test model clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ serve: model
 	mkdir -p $(REGISTRY)
 	$(BIN)/plugboard-server --model $(MODEL) --host $(HOST) --port $(PORT) \
 		--metrics-port $(METRICS_PORT) --registry $(REGISTRY) $(SERVE_ARGS)
+
+# With `make serve` running: tune a sentiment prefix on Rotten Tomatoes (a few minutes on CPU),
+# publish it to the server, show accuracy before / after and live predictions.
+DEMO_ARGS ?=
+demo: model
+	$(BIN)/python -m plugboard_tuning.demo --target $(HOST):$(PORT) $(DEMO_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from plugboard_server.errors import ModelLoadError
 from plugboard_tuning.data import (
     DEFAULT_SENTIMENT_TEMPLATE,
     ROTTEN_TOMATOES_LABEL_WORDS,
@@ -247,11 +248,17 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
-        print(f"data: {len(train)} training, {len(validation)} validation, {len(test)} held-out examples")
+        if os.environ.get("RANK", "0") == "0":  # once, under torchrun / accelerate launch too
+            print(f"data: {len(train)} training, {len(validation)} validation, {len(test)} held-out examples")
         result = run(opts)
+        if result is None:  # another process than the main one under `accelerate launch`
+            return 0
     except (DataError, PublishError, ValueError) as e:
         print(f"plugboard-tune: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ModelLoadError as e:
+        print(f"plugboard-tune: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         published = getattr(e, "published", None)
         print(

@@ -70,29 +70,50 @@ class RunResult:
     agreement_ok: bool | None = None
 
 
-def run(opts: RunOptions) -> RunResult:
+def run(opts: RunOptions) -> RunResult | None:
+    """Run it; None in the processes other than the main one under `accelerate launch`.
+
+    Under `accelerate launch` every process trains its share of each step; the main process alone
+    evaluates, saves and publishes.
+    """
     _check_options(opts)
+    import torch
+    from accelerate import PartialState
+
     from plugboard_server.models.loading import load_model
 
-    say = opts.log
+    # Multi-process on CPU (torchrun / accelerate launch) only when told it is CPU (gloo).
+    cpu = opts.device == "cpu" or (opts.device == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
+    device = opts.device
+    if state.num_processes > 1 and device == "auto" and state.device.type == "cuda":
+        device = str(state.device)  # this process's own GPU, not everyone on cuda:0
+    say = opts.log if state.is_main_process else _quiet
     say(f"loading base model {opts.base} ...")
-    loaded = load_model(opts.base, device=opts.device, dtype=opts.dtype)
+    loaded = load_model(opts.base, device=device, dtype=opts.dtype)
     say(f"base model {loaded.name} ({loaded.fingerprint}) on {loaded.device}")
     target: Target | None = None
     try:
         if opts.publish is not None:
             assert opts.name is not None
             target = open_target(opts.publish, token=opts.token, model=loaded.model)
-            target.check_base(opts.name, loaded.fingerprint)  # before any training
-        return _run(opts, loaded, target)
+            target.check_base(opts.name, loaded.fingerprint)  # before any training, in every process
+        return _run(opts, loaded, target, main=state.is_main_process)
     finally:
         if target is not None:
             target.close()
 
 
-def _run(opts: RunOptions, loaded: Any, target: Target | None) -> RunResult:
+def _quiet(_: str) -> None:
+    pass
+
+
+def _run(opts: RunOptions, loaded: Any, target: Target | None, main: bool = True) -> RunResult | None:
     say, tok, cfg = opts.log, loaded.tokenizer, opts.config
     choices = label_choices(opts.test)
+    if not main:
+        train(loaded.model, tok, opts.train, cfg, validation=opts.validation or None)
+        return None
 
     def evaluation(model: Any, what: str) -> Evaluation:
         with _bar(opts, len(opts.test), f"eval {what}", "ex") as bar:
@@ -109,7 +130,10 @@ def _run(opts: RunOptions, loaded: Any, target: Target | None) -> RunResult:
         return ev
 
     before = evaluation(loaded.model, "before") if opts.test else None
-    with _bar(opts, planned_steps(cfg, len(opts.train)), f"train {cfg.method}", "step") as bar:
+    from accelerate import PartialState
+
+    steps = planned_steps(cfg, len(opts.train), PartialState().num_processes)
+    with _bar(opts, steps, f"train {cfg.method}", "step") as bar:
 
         def on_step(info: StepInfo) -> None:
             bar.update(1)

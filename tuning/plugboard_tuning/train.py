@@ -11,6 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -159,10 +160,13 @@ def peft_config(cfg: TrainConfig, base_dir: str | Path) -> Any:
     )
 
 
-def planned_steps(cfg: TrainConfig, examples: int) -> int:
-    """Optimizer steps a run on `examples` examples makes, unless early stopping ends it sooner."""
+def planned_steps(cfg: TrainConfig, examples: int, processes: int = 1) -> int:
+    """Optimizer steps a run on `examples` examples makes, unless early stopping ends it sooner.
+
+    With several processes (`accelerate launch`) each step takes a batch in every process.
+    """
     batches_per_epoch = math.ceil(examples / cfg.batch_size)
-    return cfg.max_steps or cfg.epochs * math.ceil(batches_per_epoch / cfg.grad_accum)
+    return cfg.max_steps or cfg.epochs * math.ceil(batches_per_epoch / (cfg.grad_accum * processes))
 
 
 def _encode(tokenizer: Any, examples: Sequence[Example], add_eos: bool) -> list[_Row]:
@@ -242,6 +246,7 @@ def train(
     injects its layers into it, so a model shared with a server or another run would change.
     Its name_or_path (the base directory) is used for text initialisation.
     """
+    from accelerate import Accelerator
     from peft import get_peft_model
 
     if not train:
@@ -250,19 +255,24 @@ def train(
     torch.manual_seed(cfg.seed)
     base_model.requires_grad_(False)  # only the module trains, even if the caller unfroze it
     base_dir = getattr(base_model.config, "name_or_path", None) or getattr(base_model, "name_or_path", "")
-    model = get_peft_model(base_model, peft_config(cfg, base_dir))
-    model.train()
+    peft_model = get_peft_model(base_model, peft_config(cfg, base_dir))
+    peft_model.train()
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
+    device = next(peft_model.parameters()).device
+    # One process: the model and optimizer come back as they are. Under `accelerate launch` the
+    # model is wrapped for data parallelism and each process takes its share of every step.
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    processes, rank = accelerator.num_processes, accelerator.process_index
     rows = _encode(tokenizer, train, cfg.add_eos)
     val_rows = _encode(tokenizer, validation, cfg.add_eos) if validation else []
-    total_steps = planned_steps(cfg, len(rows))
-    params = [p for p in model.parameters() if p.requires_grad]
+    total_steps = planned_steps(cfg, len(rows), processes)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, total_steps))
+    model, optimizer = accelerator.prepare(peft_model, optimizer)
 
-    result = TrainResult(model=model)
+    result = TrainResult(model=peft_model)
     best, since_best = math.inf, 0
 
     def evaluate_and_check() -> bool:
@@ -270,7 +280,7 @@ def train(
         nonlocal best, since_best
         if not val_rows:
             return False
-        loss = _evaluate(model, val_rows, cfg, pad_id)
+        loss = _evaluate(peft_model, val_rows, cfg, pad_id)
         result.validation_losses.append(loss)
         if loss < best:
             best, since_best = loss, 0
@@ -284,16 +294,19 @@ def train(
         order = list(range(len(rows)))
         random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
         batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        batches = _shard(batches, rank, processes)
         for group_start in range(0, len(batches), cfg.grad_accum):
             group = batches[group_start : group_start + cfg.grad_accum]
             step_start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
-            for indices in group:
+            for n, indices in enumerate(group, start=1):
                 batch = _collate([rows[i] for i in indices], pad_id, device)
-                loss = model(**batch).loss / len(group)
-                loss.backward()
+                # Gradients are averaged across processes once per step, not per micro-batch.
+                with nullcontext() if n == len(group) else accelerator.no_sync(model):
+                    loss = model(**batch).loss / len(group)
+                    accelerator.backward(loss)
                 step_loss += float(loss.detach())
             optimizer.step()
             scheduler.step()
@@ -309,10 +322,19 @@ def train(
             stop = result.stopped_early = True
         epoch += 1
 
-    model.eval()
+    peft_model.eval()
     result.steps = step
     result.seconds = time.perf_counter() - start_time
     return result
+
+
+def _shard(batches: list[list[int]], rank: int, processes: int) -> list[list[int]]:
+    """This process's batches: every processes-th one, the list first padded by repeating its start
+    so that every process makes the same number of steps (data parallelism steps in lockstep)."""
+    if processes == 1:
+        return batches
+    padded = [batches[i % len(batches)] for i in range(math.ceil(len(batches) / processes) * processes)]
+    return padded[rank::processes]
 
 
 def save(result: TrainResult, out_dir: str | Path) -> Path:
