@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-every", type=int, default=0, metavar="N", help="validate every N steps (0: each epoch)"
     )
     t.add_argument("--eval-batch-size", type=int, default=16)
+    t.add_argument(
+        "--no-eval-before",
+        action="store_true",
+        help="skip evaluating the base model (known from an earlier run)",
+    )
 
     o = p.add_argument_group("output and publishing")
     o.add_argument("--output", type=Path, help="where the PEFT module is saved (default ./tuned/NAME)")
@@ -244,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             description=args.description,
             data_source=source,
             eval_batch_size=args.eval_batch_size,
+            eval_before=not args.no_eval_before,
             check_served=not args.no_check_served,
             overwrite=args.overwrite,
             progress=not args.quiet,

@@ -55,6 +55,7 @@ class RunOptions:
     description: str = ""
     data_source: dict[str, Any] = field(default_factory=dict)  # what the data was, for the metadata
     eval_batch_size: int = 16
+    eval_before: bool = True  # False: skip the base model's figures (the same for every run on it)
     check_served: bool = True
     overwrite: bool = False
     progress: bool = True
@@ -129,7 +130,7 @@ def _run(opts: RunOptions, loaded: Any, target: Target | None, main: bool = True
         say(f"{what:>6}: {_figures_text(ev)} on {ev.examples} held-out examples ({ev.seconds:.1f}s)")
         return ev
 
-    before = evaluation(loaded.model, "before") if opts.test else None
+    before = evaluation(loaded.model, "before") if opts.test and opts.eval_before else None
     from accelerate import PartialState
 
     steps = planned_steps(cfg, len(opts.train), PartialState().num_processes)

@@ -114,3 +114,28 @@ def test_without_eval_every_validation_runs_once_per_epoch(tiny_model_dir: Path)
     assert result.steps == 3  # 8 examples / batch 4 / accumulate 2 = 1 step per epoch
     assert len(result.validation_losses) == 3 and not result.stopped_early
     assert lrs[0] < lrs[1] and lrs[2] < lrs[1]  # warm-up, then cosine decay
+
+
+def test_targets_end_with_eos_unless_asked_not_to(tiny_model) -> None:
+    from plugboard_tuning.train import _encode
+
+    tok = tiny_model.tokenizer
+    ex = Example("word: cat", " dog")
+    prompt = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+    target = tok(ex.target, add_special_tokens=False)["input_ids"]
+    [(ids, labels)] = _encode(tok, [ex], add_eos=True)
+    assert ids == prompt + target + [tok.eos_token_id]
+    assert labels == [-100] * len(prompt) + target + [tok.eos_token_id]
+    [(ids, labels)] = _encode(tok, [ex], add_eos=False)
+    assert ids == prompt + target and labels[-len(target) :] == target
+
+
+@pytest.mark.parametrize(("n", "processes"), [(5, 2), (4, 2), (1, 3), (7, 4)])
+def test_shards_cover_every_batch_in_equal_counts(n: int, processes: int) -> None:
+    from plugboard_tuning.train import _shard
+
+    batches = [[i] for i in range(n)]
+    shards = [_shard(batches, rank, processes) for rank in range(processes)]
+    assert len({len(s) for s in shards}) == 1  # lockstep: the same number of steps everywhere
+    assert {b[0] for s in shards for b in s} == set(range(n))
+    assert sum(len(s) for s in shards) < n + processes
