@@ -72,6 +72,7 @@ def test_publish_to_a_server_serves_what_was_trained(method, tiny_model_dir, tmp
             "ref": f"toy-{method}@1",
             "where": f"server {srv.target}",
             "alias": "stable",
+            "promote_if": "accuracy>=0",
             "promoted": True,
         }
         with Client(srv.target, timeout=30) as c:
@@ -115,7 +116,8 @@ def test_promote_if_not_holding_publishes_without_moving_the_alias(tiny_model_di
         )
     )  # fmt: skip
     assert second.report["published"] == {
-        "ref": "toy-lora@2", "where": f"registry directory {registry}", "alias": None, "promoted": False,
+        "ref": "toy-lora@2", "where": f"registry directory {registry}", "alias": None,
+        "promote_if": "accuracy>1", "promoted": False,
     }  # fmt: skip
     from plugboard_server.registry.local import LocalStore
 

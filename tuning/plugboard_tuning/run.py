@@ -99,7 +99,7 @@ def run(opts: RunOptions) -> RunResult | None:
             assert opts.name is not None
             target = open_target(opts.publish, token=opts.token, model=loaded.model)
             target.check_base(opts.name, loaded.fingerprint)  # before any training, in every process
-        return _run(opts, loaded, target, main=state.is_main_process)
+        return _run(opts, loaded, target, state.is_main_process, state.num_processes)
     finally:
         if target is not None:
             target.close()
@@ -109,7 +109,9 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _run(opts: RunOptions, loaded: Any, target: Target | None, main: bool = True) -> RunResult | None:
+def _run(
+    opts: RunOptions, loaded: Any, target: Target | None, main: bool, processes: int
+) -> RunResult | None:
     say, tok, cfg = opts.log, loaded.tokenizer, opts.config
     choices = label_choices(opts.test)
     if not main:
@@ -131,10 +133,7 @@ def _run(opts: RunOptions, loaded: Any, target: Target | None, main: bool = True
         return ev
 
     before = evaluation(loaded.model, "before") if opts.test and opts.eval_before else None
-    from accelerate import PartialState
-
-    steps = planned_steps(cfg, len(opts.train), PartialState().num_processes)
-    with _bar(opts, steps, f"train {cfg.method}", "step") as bar:
+    with _bar(opts, planned_steps(cfg, len(opts.train), processes), f"train {cfg.method}", "step") as bar:
 
         def on_step(info: StepInfo) -> None:
             bar.update(1)
@@ -190,7 +189,12 @@ def _after_publish(
 ) -> None:
     say, report, name, published = opts.log, result.report, opts.name, result.published
     assert name is not None and published is not None
-    report["published"] = {"ref": published.ref, "where": published.where, "alias": None}
+    report["published"] = {
+        "ref": published.ref,
+        "where": published.where,
+        "alias": None,
+        "promote_if": None if opts.promote_if is None else str(opts.promote_if),
+    }
     if server and opts.check_served and opts.test:
         with _bar(opts, len(opts.test), "check served", "ex") as bar:
             agreement = check_served(
