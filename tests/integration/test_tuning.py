@@ -185,3 +185,20 @@ def test_ctrl_c_during_the_upload_leaves_nothing_published(tiny_model_dir, tmp_p
     finally:
         release.set()
         srv.stop()
+
+
+def test_a_refused_publish_keeps_the_trained_module_and_says_how_to_publish_it(tiny_model_dir, tmp_path):
+    from plugboard_tuning.run import PublishFailed
+
+    srv = _server(tmp_path, tiny_model_dir)
+    try:
+        opts = _options(tmp_path, tiny_model_dir, "lora", publish=srv.target, token="not-the-token")
+        with pytest.raises(PublishFailed, match="plugboard adapters register") as failed:
+            run(opts)
+        assert "token" in str(failed.value).lower()
+        assert (opts.output / "adapter_model.safetensors").is_file()
+        assert failed.value.report["evaluation"]["after"]["exact_match"] >= 0
+        with Client(srv.target, timeout=30) as c:
+            assert list(c.list_adapters().adapters) == []
+    finally:
+        srv.stop()

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from plugboard_tuning.run import RunOptions, run, write_report
+    from plugboard_tuning.run import PublishFailed, RunOptions, run, write_report
 
     try:
         train, validation, test, source = load_data(args)
@@ -259,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         result = run(opts)
         if result is None:  # another process than the main one under `accelerate launch`
             return 0
+    except PublishFailed as e:  # after training: the module and the report are kept
+        report_path = args.report or output.with_name(output.name + ".report.json")
+        write_report(e.report, report_path)
+        print(f"plugboard-tune: error: {e}\nreport: {report_path}", file=sys.stderr)
+        return 1
     except (DataError, PublishError, ValueError) as e:
         print(f"plugboard-tune: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -26,7 +26,15 @@ from plugboard_tuning.publish import Condition, Published, PublishError, Target,
 from plugboard_tuning.served import check_served
 from plugboard_tuning.train import StepInfo, TrainConfig, planned_steps, save, train
 
-__all__ = ["Interrupted", "RunOptions", "RunResult", "run", "write_report"]
+__all__ = ["Interrupted", "PublishFailed", "RunOptions", "RunResult", "run", "write_report"]
+
+
+class PublishFailed(PublishError):
+    """Publishing failed after training; the module is saved and `report` holds the run's figures."""
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 class Interrupted(KeyboardInterrupt):
@@ -169,13 +177,21 @@ def _publish(opts: RunOptions, target: Target, result: RunResult, choices: list[
     # A directory publishes and moves the alias in one transaction. A server gets the alias only
     # after its answers have been checked against the trained model.
     metadata = {k: report[k] for k in ("tool", "base_model", "training", "data", "evaluation")}
-    published = target.publish(
-        opts.output,
-        name,
-        description=opts.description,
-        metadata=metadata,
-        alias=opts.alias if promote and not server else None,
-    )
+    try:
+        published = target.publish(
+            opts.output,
+            name,
+            description=opts.description,
+            metadata=metadata,
+            alias=opts.alias if promote and not server else None,
+        )
+    except PublishError as e:
+        # Nothing is lost: the module is saved; say how to publish it once the problem is fixed.
+        raise PublishFailed(
+            f"{e}\nthe trained module is saved in {opts.output}; publish it later with "
+            f"`plugboard adapters register {opts.output} --name {name}` (its figures are in the report)",
+            report,
+        ) from None
     result.published = published
     say(f"published {published.ref} to {published.where}")
     try:
