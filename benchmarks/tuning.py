@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default="127.0.0.1:50051")
     p.add_argument("--steps", type=int, default=450)
+    p.add_argument("--prefix-steps", type=int, help="steps for the prefix (default --steps)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--test-limit", type=int, help="held-out reviews (default: all 1,001)")
     p.add_argument("--out", type=Path, default=Path("var/tuning-bench"))
@@ -42,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for i, method in enumerate(args.methods):
         report = args.out / f"{method}.report.json"
+        steps = args.prefix_steps if method == "prefix" and args.prefix_steps else args.steps
         cmd = [
-            tune, "--dataset", "rotten-tomatoes", "--method", method, "--max-steps", str(args.steps),
+            tune, "--dataset", "rotten-tomatoes", "--method", method, "--max-steps", str(steps),
             "--lr-schedule", "cosine", "--warmup-steps", "20", *METHODS[method],
             "--name", f"rt-{method}", "--publish", args.target,
             "--output", str(args.out / f"{method}-{stamp}"),

@@ -53,7 +53,8 @@ class TrainConfig:
     num_virtual_tokens: int = 16
     # How prompt-learning parameters start: "zero" (prefix tuning: zero keys/values, close to a
     # no-op; prompt tuning: same as "random", see peft_config), "random" (PEFT's default init) or
-    # "text" (prompt tuning: from the embeddings of init_text's tokens; prefix tuning: "zero").
+    # "text" (from init_text: prompt tuning, its token embeddings; prefix tuning, the keys and
+    # values the base model computes for it, so training starts from "init_text was said first").
     prefix_init: Literal["zero", "text", "random"] = "zero"
     init_text: str | None = None
     # Prefix tuning: train the prefix through a two-layer MLP (the original paper's
@@ -84,8 +85,10 @@ class TrainConfig:
             raise ValueError(f"unknown method {self.method!r}: use prefix, prompt or lora")
         if self.prefix_init not in ("zero", "text", "random"):
             raise ValueError(f"unknown prefix_init {self.prefix_init!r}: use zero, text or random")
-        if self.prefix_init == "text" and self.method == "prompt" and not self.init_text:
+        if self.prefix_init == "text" and self.method != "lora" and not self.init_text:
             raise ValueError('prefix_init "text" needs init_text')
+        if self.prefix_init == "text" and self.method == "prefix" and self.prefix_projection:
+            raise ValueError('prefix_init "text" cannot start a prefix trained through its projection MLP')
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}: use constant, linear or cosine")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1 or self.max_steps < 0:
@@ -148,8 +151,7 @@ def peft_config(cfg: TrainConfig, base_dir: str | Path) -> Any:
             num_virtual_tokens=cfg.num_virtual_tokens,
             prompt_tuning_init=PromptTuningInit.RANDOM,
         )
-    # TODO: PEFT has no text init for prefix tuning (it would need the text's per-layer keys and
-    # values); "text" falls back to "zero" until that is written here.
+    # "text" starts from zero here; train() then writes the text's keys and values (_init_prefix_from_text).
     zero = cfg.prefix_init in ("zero", "text")
     return PrefixTuningConfig(
         task_type=TaskType.CAUSAL_LM,
@@ -256,6 +258,9 @@ def train(
     base_model.requires_grad_(False)  # only the module trains, even if the caller unfroze it
     base_dir = getattr(base_model.config, "name_or_path", None) or getattr(base_model, "name_or_path", "")
     peft_model = get_peft_model(base_model, peft_config(cfg, base_dir))
+    if cfg.method == "prefix" and cfg.prefix_init == "text":
+        assert cfg.init_text is not None
+        _init_prefix_from_text(peft_model, base_model, tokenizer, cfg.init_text)
     peft_model.train()
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -326,6 +331,28 @@ def train(
     result.steps = step
     result.seconds = time.perf_counter() - start_time
     return result
+
+
+@torch.no_grad()
+def _init_prefix_from_text(peft_model: Any, base_model: Any, tokenizer: Any, text: str) -> None:
+    """Set the prefix to the per-layer keys and values of `text` (its tokens repeated or cut to fit).
+
+    PEFT has no text init for prefix tuning. A prefix holding the keys and values the model computed
+    for a text makes the model behave at step 0 exactly as if that text preceded the prompt.
+    """
+    cfg = peft_model.peft_config[peft_model.active_adapter]
+    n = cfg.num_virtual_tokens
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("init_text has no tokens")
+    ids = (ids * (n // len(ids) + 1))[:n]
+    device = next(base_model.parameters()).device
+    cache = base_model(input_ids=torch.tensor([ids], device=device), use_cache=True).past_key_values
+    # PEFT's layout: one row per virtual token = [layers * 2 (key, value), kv heads, head dim].
+    layers = [(layer.keys[0], layer.values[0]) for layer in cache.layers]  # each [heads, n, head dim]
+    rows = torch.stack([t for kv in layers for t in kv])  # [layers * 2, heads, n, head dim]
+    weight = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight
+    weight.copy_(rows.permute(2, 0, 1, 3).reshape(n, -1).to(weight.dtype))
 
 
 def _shard(batches: list[list[int]], rank: int, processes: int) -> list[list[int]]:

@@ -139,3 +139,37 @@ def test_shards_cover_every_batch_in_equal_counts(n: int, processes: int) -> Non
     assert len({len(s) for s in shards}) == 1  # lockstep: the same number of steps everywhere
     assert {b[0] for s in shards for b in s} == set(range(n))
     assert sum(len(s) for s in shards) < n + processes
+
+
+@pytest.mark.parametrize("text", ["Answer the question.", "a b c d e f g h i j k l"])
+def test_prefix_text_init_behaves_as_if_the_text_came_first(text: str, tiny_model_dir: Path) -> None:
+    # Learning rate 0: the prefix stays as initialised, so the model must act as if `text` (its
+    # tokens repeated or cut to 6) preceded the prompt.
+    cfg = TrainConfig(
+        method="prefix",
+        num_virtual_tokens=6,
+        prefix_init="text",
+        init_text=text,
+        max_steps=1,
+        learning_rate=0.0,
+    )
+    loaded = _fresh(tiny_model_dir)
+    tok = loaded.tokenizer
+    result = train(loaded.model, tok, EXAMPLES, cfg)
+    text_ids = tok(text, add_special_tokens=False)["input_ids"]
+    text_ids = (text_ids * 6)[:6]
+    prompt = tok("word: cat", add_special_tokens=False)["input_ids"]
+    reference = _fresh(tiny_model_dir).model
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        tuned = result.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+        joined = torch.tensor([text_ids + prompt])
+        expected = reference(input_ids=joined, attention_mask=torch.ones_like(joined)).logits[0, 6:]
+    torch.testing.assert_close(tuned, expected, atol=1e-4, rtol=0)
+
+
+def test_prefix_text_init_needs_text_and_no_projection() -> None:
+    with pytest.raises(ValueError, match="needs init_text"):
+        TrainConfig(method="prefix", prefix_init="text")
+    with pytest.raises(ValueError, match="projection"):
+        TrainConfig(method="prefix", prefix_init="text", init_text="x", prefix_projection=True)
