@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # PEFT 0.21 calls a transformers 5 method that now warns about its own rename: noise to a user.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" and other library bars
     from plugboard_tuning.run import PublishFailed, RunOptions, run, write_report
 
     try:
