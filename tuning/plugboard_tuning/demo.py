@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from plugboard_client import Client
+from plugboard_client.cli import read_token_file
 from plugboard_client.errors import PlugboardError
 from plugboard_tuning.data import DEFAULT_SENTIMENT_TEMPLATE, rotten_tomatoes
 from plugboard_tuning.publish import Condition
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=Path("tuned/sentiment-demo"))
     args = p.parse_args(argv)
 
-    token = args.token_file.read_text().strip() if args.token_file else None
+    token = read_token_file(args.token_file) if args.token_file else None
     with Client(args.target, timeout=60) as client:
         try:
             client.wait_ready(timeout=5)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from plugboard_tuning.data import Example
+from plugboard_tuning.train import pad_right
 
 __all__ = ["Evaluation", "Prediction", "evaluate", "label_choices"]
 
@@ -145,12 +146,7 @@ def _log_probs(model: Any, rows: Sequence[list[int]], keep: int, pad_id: int) ->
     gigabytes for a 50k vocabulary.
     """
     device = next(model.parameters()).device
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
+    ids, mask = pad_right(rows, pad_id)
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep).logits
     # Prompt tuning's virtual tokens come first, so the last positions are the rows' own either way.
     return torch.log_softmax(logits[:, -keep:].float(), dim=-1).cpu()

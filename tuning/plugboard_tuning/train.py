@@ -190,16 +190,20 @@ def _collate(rows: Sequence[_Row], pad_id: int, device: Any) -> dict[str, Any]:
     # Right padding: positions of real tokens match an unpadded run, and padded positions carry
     # neither attention nor loss. For prompt learning PEFT prepends the virtual tokens' attention
     # mask (ones) and, for prompt tuning, -100 labels itself, so these stay input-sized.
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), _IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row_ids, row_labels) in enumerate(rows):
-        n = len(row_ids)
-        ids[i, :n] = torch.tensor(row_ids)
-        labels[i, :n] = torch.tensor(row_labels)
-        mask[i, :n] = 1
+    ids, mask = pad_right([row_ids for row_ids, _ in rows], pad_id)
+    labels, _ = pad_right([row_labels for _, row_labels in rows], _IGNORE)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def pad_right(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [rows, width] long tensor of the rows, and the attention mask of the real tokens."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return out, mask
 
 
 def _lr_factor(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
