@@ -27,6 +27,10 @@ class IncompatibleAdapter(PlugboardError):
     """A module that does not fit the base model (or uses something plugboard does not support)."""
 
 
+class CorruptModule(IncompatibleAdapter):
+    """A stored version whose files no longer match the registry's checksums (changed, or missing)."""
+
+
 class Overloaded(PlugboardError):
     """The server cannot take the request now; retry after `retry_after` seconds."""
 
@@ -37,6 +41,14 @@ class Overloaded(PlugboardError):
 
 class NotReady(PlugboardError):
     """The server is starting (model not loaded yet) or draining."""
+
+
+class StorageError(PlugboardError):
+    """The registry's disk refused a write (an I/O error, a read-only filesystem, permissions)."""
+
+
+class StorageFull(StorageError):
+    """The registry's disk, or the quota on it, is full: nothing was stored."""
 
 
 class ModelLoadError(PlugboardError):

@@ -152,7 +152,8 @@ class Metrics:
         # ----- modules and the registry
         self.adapter_loads = Counter(
             "plugboard_adapter_loads",
-            "Module loads into a tier (disk -> host memory, host -> device slot), by outcome",
+            "Module loads into a tier (disk -> host memory, host -> device slot), by outcome: ok, error; "
+            "from disk also corrupt (files differ from the registry's checksums) and deleted (meanwhile)",
             ["tier", "outcome"],
             registry=r,
         )

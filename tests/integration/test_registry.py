@@ -212,9 +212,17 @@ def test_a_file_corrupted_on_disk_is_refused_by_checksum(registry_server, module
         c.register_adapter(modules["prefix-v1"], name="sturdy")
         stored = registry_server.server.store.get("fragile").path / "adapter_model.safetensors"
         stored.write_bytes(stored.read_bytes()[:-8] + b"tampered")
-        with pytest.raises(FailedPrecondition, match="checksum"):
-            c.generate(PROMPT, adapter="fragile", max_new_tokens=2)
-        assert _text(c, "sturdy")[1] == "sturdy@1"
+        corrupt = 'plugboard_adapter_loads_total{outcome="corrupt",tier="disk"}'
+        error = 'plugboard_adapter_loads_total{outcome="error",tier="disk"}'
+        before = _scrape(registry_server.metrics_url)
+        for attempt in (1, 2):  # refused at each read: never cached, counted each time
+            with pytest.raises(FailedPrecondition, match=r"checksum mismatch: adapter_model\.safetensors"):
+                c.generate(PROMPT, adapter="fragile", max_new_tokens=2)
+            assert _text(c, "sturdy")[1] == "sturdy@1"
+            after = _scrape(registry_server.metrics_url)
+            # its own outcome, for an alert: not lumped in with modules that are merely incompatible
+            assert after[corrupt] - before.get(corrupt, 0) == attempt
+            assert after.get(error, 0) == before.get(error, 0)
 
 
 def test_concurrent_uploads_of_one_name_get_distinct_versions(registry_server, modules):

@@ -26,9 +26,9 @@ from plugboard_server.adapters.formats import read_spec
 from plugboard_server.adapters.lora import LoraSlots
 from plugboard_server.adapters.types import AdapterLimits, AdapterSpec, AdapterWeights, ModelShape, ModuleKind
 from plugboard_server.adapters.weights import read_adapter
-from plugboard_server.errors import IncompatibleAdapter, Overloaded
+from plugboard_server.errors import AdapterNotFound, CorruptModule, IncompatibleAdapter, Overloaded
 from plugboard_server.metrics import Metrics
-from plugboard_server.registry.local import verify_files
+from plugboard_server.registry.local import deleted, verify_files
 from plugboard_server.registry.store import AdapterRef
 
 log = logging.getLogger(__name__)
@@ -104,12 +104,21 @@ class AdapterManager:
         self.metrics.adapter_cache.labels("host", "miss").inc()
         start = time.perf_counter()
         try:
-            if ref.sha256:
-                verify_files(ref)
-            weights = read_adapter(ref.path, self.shape, self.limits, dtype=self._dtype, device=self._device)
+            weights = self._read(ref)
+        except AdapterNotFound:
+            self.metrics.adapter_loads.labels("disk", "deleted").inc()
+            raise
+        except CorruptModule as exc:
+            # Its own outcome: an operator alerts on this one (the disk changed under the registry).
+            self.metrics.adapter_loads.labels("disk", "corrupt").inc()
+            log.error("refusing module %s: %s", ref.key, exc)
+            raise CorruptModule(f"module {ref.key}: {exc}") from exc
         except IncompatibleAdapter as exc:
             self.metrics.adapter_loads.labels("disk", "error").inc()
             raise IncompatibleAdapter(f"module {ref.key}: {exc}") from exc
+        except OSError:
+            self.metrics.adapter_loads.labels("disk", "error").inc()
+            raise
         elapsed = time.perf_counter() - start
         self.metrics.adapter_loads.labels("disk", "ok").inc()
         self.metrics.adapter_load_seconds.labels("disk").observe(elapsed)
@@ -126,6 +135,21 @@ class AdapterManager:
             "loaded module %s (%s, %d bytes) in %.3fs", ref.key, weights.kind.value, weights.nbytes, elapsed
         )
         return weights
+
+    def _read(self, ref: AdapterRef) -> AdapterWeights:
+        """Check the files against the registry's checksums, then read them.
+
+        A version deleted after the request resolved it (its row gone from the index, its files
+        going) is AdapterNotFound, not a broken module: whichever read first found a file missing.
+        """
+        try:
+            if ref.sha256:
+                verify_files(ref)  # AdapterNotFound or CorruptModule for a missing file
+            return read_adapter(ref.path, self.shape, self.limits, dtype=self._dtype, device=self._device)
+        except (IncompatibleAdapter, OSError):
+            if ref.sha256 and deleted(ref):
+                raise AdapterNotFound(f"module {ref.key} was deleted") from None
+            raise
 
     # ----- host -> device ----------------------------------------------------------------------
 

@@ -27,9 +27,17 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from plugboard_server.errors import AdapterNotFound, IncompatibleAdapter, InvalidRequest
+from plugboard_server.errors import AdapterNotFound, CorruptModule, InvalidRequest
 from plugboard_server.registry import _sqlite
-from plugboard_server.registry._files import alive, check_source, digest, fsync_dir, remove
+from plugboard_server.registry._files import (
+    alive,
+    check_source,
+    copy_file,
+    digest,
+    fsync_dir,
+    remove,
+    storage_errors,
+)
 from plugboard_server.registry.store import (
     LATEST,
     NAME_PATTERN,
@@ -144,7 +152,8 @@ class LocalStore:
     def staging(self) -> Iterator[Path]:
         # host and pid in the name: start-up cleanup on this host can tell a dead owner's leftovers.
         path = self.staging_root / f"{self._host}-{os.getpid()}-{secrets.token_hex(6)}"
-        path.mkdir()
+        with storage_errors(self.root):
+            path.mkdir()
         try:
             yield path
         finally:
@@ -174,13 +183,16 @@ class LocalStore:
             raise InvalidRequest(f"metadata is not a JSON object: {e}", "metadata") from None
         source = Path(source)
         check_source(source)
-        if source.resolve().parent == self.staging_root.resolve():
-            return self._publish_staged(name, source, facts, description, tags, metadata, alias)
-        with self.staging() as staged:
-            for entry in os.scandir(source):
-                shutil.copyfile(entry.path, staged / entry.name, follow_symlinks=False)
-            check_source(staged)  # a file swapped for a symlink while copying is refused here
-            return self._publish_staged(name, staged, facts, description, tags, metadata, alias)
+        # A full disk or a failed write anywhere below ends as StorageFull / StorageError, after the
+        # clean-up: the staged files removed (or moved back there first), no row, no version.
+        with storage_errors(self.root):
+            if source.resolve().parent == self.staging_root.resolve():
+                return self._publish_staged(name, source, facts, description, tags, metadata, alias)
+            with self.staging() as staged:
+                for entry in os.scandir(source):
+                    copy_file(Path(entry.path), staged / entry.name)  # refuses a file swapped for a link
+                check_source(staged)
+                return self._publish_staged(name, staged, facts, description, tags, metadata, alias)
 
     def _publish_staged(
         self,
@@ -233,7 +245,7 @@ class LocalStore:
     def set_alias(self, name: str, alias: str, version: int) -> ModuleVersion:
         check_name(name)
         check_alias(alias)
-        with self._index.write() as db:
+        with storage_errors(self.root), self._index.write() as db:
             if not _sqlite.exists(db, name, version):
                 raise self._not_found(f"{name}@{version}", name, str(version), db)
             _sqlite.set_alias(db, name, alias, version)
@@ -242,7 +254,7 @@ class LocalStore:
 
     def delete(self, name: str, version: int | None = None, *, force: bool = False) -> list[str]:
         check_name(name)
-        with self._index.write() as db:
+        with storage_errors(self.root), self._index.write() as db:
             if version is None:
                 doomed = [v for (v,) in db.execute("SELECT version FROM versions WHERE name = ?", (name,))]
             else:
@@ -349,17 +361,41 @@ class LocalStore:
 
 
 def verify_files(ref: AdapterRef) -> None:
-    """Recompute each file's sha256; IncompatibleAdapter naming the first file that is missing or differs."""
+    """Recompute each file's sha256; CorruptModule naming the first file that is missing or differs.
+
+    A file missing because the version was deleted after the request resolved it (its row gone from
+    the index) is AdapterNotFound instead: the registry is fine, the version is just no longer there.
+    """
     for filename, expected in ref.sha256:
         path = ref.path / filename
         try:
             actual, _ = digest(path)
         except FileNotFoundError:
-            raise IncompatibleAdapter(
-                f"checksum mismatch: {filename} of {ref.key} is missing ({path})"
-            ) from None
+            if deleted(ref):
+                raise AdapterNotFound(f"module {ref.key} was deleted") from None
+            raise CorruptModule(f"checksum mismatch: {filename} of {ref.key} is missing ({path})") from None
         if actual != expected:
-            raise IncompatibleAdapter(
+            raise CorruptModule(
                 f"checksum mismatch: {filename} of {ref.key} has sha256 {actual[:16]}…, "
                 f"the registry recorded {expected[:16]}… ({path})"
             )
+
+
+def deleted(ref: AdapterRef) -> bool:
+    """Whether `ref`'s version is no longer in its registry's index (deleted since it was resolved).
+
+    `ref.path` is <root>/modules/<name>/<version>, LocalStore's layout, so the index is found from
+    it. False when that cannot be told: a path outside a registry, or an index that cannot be read.
+    """
+    index = ref.path.parent.parent.parent / "index.sqlite"
+    if ref.path.parent.parent.name != "modules" or not index.is_file():
+        return False
+    try:
+        # mode=rw: never create an index where there was none
+        db = sqlite3.connect(f"{index.absolute().as_uri()}?mode=rw", uri=True, timeout=10.0)
+        try:
+            return not _sqlite.exists(db, ref.name, ref.version)
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False

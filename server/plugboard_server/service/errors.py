@@ -21,6 +21,8 @@ from plugboard_server.errors import (
     NotReady,
     Overloaded,
     PlugboardError,
+    StorageError,
+    StorageFull,
 )
 from plugboard_server.metrics import Metrics
 from plugboard_server.registry.store import AliasInUse
@@ -34,6 +36,8 @@ _STATUS: tuple[tuple[type[PlugboardError], grpc.StatusCode], ...] = (
     (IncompatibleAdapter, grpc.StatusCode.FAILED_PRECONDITION),
     (AliasInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StorageFull, grpc.StatusCode.RESOURCE_EXHAUSTED),  # no retry pushback: retrying needs space freed
+    (StorageError, grpc.StatusCode.INTERNAL),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
     (ModelLoadError, grpc.StatusCode.UNAVAILABLE),
     (EngineFailure, grpc.StatusCode.INTERNAL),

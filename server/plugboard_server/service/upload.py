@@ -2,7 +2,9 @@
 
 Only `adapter_config.json` and `*.safetensors` are accepted, by plain file name; sizes are bounded;
 declared sizes and checksums are checked. Nothing here knows what the files mean: validation against
-the base model happens after assembly.
+the base model happens after assembly. The staging directory is on the registry's disk: a write that
+fails there (the disk full, say) is StorageFull / StorageError, and the caller's staging context
+removes what was written.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from plugboard_server.errors import InvalidRequest
+from plugboard_server.registry._files import storage_errors, write_at
 from plugboard_server.registry.store import CONFIG_FILE
 
 _SAFE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -78,10 +81,12 @@ class UploadAssembler:
         self.total += len(data)
         if self.total > self.max_bytes:
             raise InvalidRequest(self._too_big("the upload", self.total), field="chunk")
-        mode = "r+b" if f.path.exists() else "wb"
-        with open(f.path, mode) as out:
-            out.seek(offset)
-            out.write(data)
+        with storage_errors(f.path):
+            fd = os.open(f.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            try:
+                write_at(fd, data, offset)
+            finally:
+                os.close(fd)
         f.ranges.append((offset, end))
 
     def finish(self) -> None:
@@ -103,8 +108,8 @@ class UploadAssembler:
                 raise InvalidRequest(f"{name}: {size} bytes arrived, {f.expected_size} declared", "files")
             if f.expected_sha256 and _sha256(f.path) != f.expected_sha256:
                 raise InvalidRequest(f"{name}: checksum mismatch (sha256 differs from the header's)", "files")
-            with open(f.path, "rb") as fh:
-                os.fsync(fh.fileno())
+            with storage_errors(f.path), open(f.path, "rb") as fh:
+                os.fsync(fh.fileno())  # where a disk that fills up late (NFS, delayed allocation) says so
 
 
 def _sha256(path: Path) -> str:

@@ -111,3 +111,49 @@ def test_checksums_are_verified_when_reading_from_disk(manager, module_dirs, tmp
     with pytest.raises(IncompatibleAdapter, match=r"adapter_config\.json"):
         manager.load(good)
     assert manager.residency("x@1") == ("DISK", False)
+
+
+def _loads(manager: AdapterManager, outcome: str) -> float:
+    sample = {"tier": "disk", "outcome": outcome}
+    return manager.metrics.registry.get_sample_value("plugboard_adapter_loads_total", sample) or 0.0
+
+
+def test_a_version_deleted_before_its_files_are_read_is_not_found(
+    manager, module_dirs, tmp_path, monkeypatch
+):
+    from plugboard_server.adapters import manager as manager_module
+    from plugboard_server.errors import AdapterNotFound, CorruptModule
+    from plugboard_server.registry.local import LocalStore
+    from plugboard_server.registry.store import ModuleFacts
+
+    store = LocalStore(tmp_path / "registry")
+    facts = ModuleFacts("LORA", "LORA", "fp", rank=2)
+    for _ in range(3):
+        store.publish("m", module_dirs["a"], facts)
+    # resolved, then deleted (row and files) before the first read: NOT_FOUND, counted as "deleted"
+    ref = store.resolve("m@1")
+    store.delete("m", 1)
+    with pytest.raises(AdapterNotFound, match=r"module m@1 was deleted"):
+        manager.load(ref)
+    assert _loads(manager, "deleted") == 1
+    # deleted between the checksums and the read of the tensors: the same
+    ref = store.resolve("m@2")
+    real_verify = manager_module.verify_files
+
+    def verify_then_delete(r: AdapterRef) -> None:
+        real_verify(r)
+        store.delete("m", 2)
+
+    monkeypatch.setattr(manager_module, "verify_files", verify_then_delete)
+    with pytest.raises(AdapterNotFound, match=r"module m@2 was deleted"):
+        manager.load(ref)
+    monkeypatch.undo()
+    assert _loads(manager, "deleted") == 2
+    # a file missing from a version still in the index is corruption, counted as such
+    ref = store.resolve("m@3")
+    (ref.path / "adapter_model.safetensors").unlink()
+    with pytest.raises(CorruptModule, match=r"module m@3: checksum mismatch: adapter_model.safetensors"):
+        manager.load(ref)
+    assert (_loads(manager, "corrupt"), _loads(manager, "error"), _loads(manager, "ok")) == (1, 0, 0)
+    assert manager.host_keys() == []
+    store.close()

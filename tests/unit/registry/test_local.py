@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -13,9 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from plugboard_server.errors import AdapterNotFound, IncompatibleAdapter, InvalidRequest
+from plugboard_server.errors import (
+    AdapterNotFound,
+    CorruptModule,
+    IncompatibleAdapter,
+    InvalidRequest,
+    StorageError,
+)
 from plugboard_server.registry import _sqlite
-from plugboard_server.registry.local import LocalStore, verify_files
+from plugboard_server.registry.local import LocalStore, deleted, verify_files
 from plugboard_server.registry.store import AliasInUse, ModuleVersion
 from tests.unit.registry.conftest import LORA, PREFIX, MakeModule, write_module
 
@@ -285,7 +293,7 @@ def test_a_failed_publish_leaves_nothing(store: LocalStore, make_module: MakeMod
     monkeypatch.setattr(_sqlite, "insert_version", fail)
     with store.staging() as d:
         write_module(d)
-        with pytest.raises(OSError, match="disk full"):
+        with pytest.raises(StorageError, match="disk full"):  # an OSError, reported as the registry's
             store.publish("ner", d, LORA)
         assert d.is_dir()  # moved back from modules/ner/2 into staging
     monkeypatch.undo()
@@ -375,6 +383,36 @@ def test_verify_files_detects_corruption_and_missing_files(store: LocalStore, ma
         verify_files(ref)
     verify_files(store.resolve("sentiment@1"))
     assert mv.ref == ref
+
+
+def test_a_version_deleted_after_a_request_resolved_it_is_not_found_not_corrupt(
+    store: LocalStore, make_module: MakeModule
+):
+    for _ in range(3):
+        store.publish("ner", make_module(), LORA)
+    store.set_alias("ner", "prod", 2)
+    ref = store.resolve("ner@prod")  # a request resolves the alias...
+    assert not deleted(ref)
+    store.delete("ner", 2, force=True)  # ...and the version goes before its files are read
+    assert not ref.path.exists() and deleted(ref)
+    with pytest.raises(AdapterNotFound, match=r"module ner@2 was deleted"):
+        verify_files(ref)
+    # a file missing from a version still in the index is corruption, not a delete
+    ref1 = store.resolve("ner@1")
+    (ref1.path / "adapter_model.safetensors").unlink()
+    with pytest.raises(CorruptModule, match=r"adapter_model.safetensors of ner@1 is missing"):
+        verify_files(ref1)
+    shutil.rmtree(ref1.path)  # its whole directory gone, its row still there: corruption too
+    assert not deleted(ref1)
+    with pytest.raises(CorruptModule, match=r"of ner@1 is missing"):
+        verify_files(ref1)
+    assert issubclass(CorruptModule, IncompatibleAdapter)  # still FAILED_PRECONDITION to a client
+    # outside a registry's layout nothing can be told: a missing file is corruption
+    loose = dataclasses.replace(store.resolve("ner@3"), path=make_module().parent / "gone")
+    assert not deleted(loose)
+    with pytest.raises(CorruptModule):
+        verify_files(loose)
+    verify_files(store.resolve("ner@3"))
 
 
 def test_a_replica_sees_changes_at_once(tmp_path: Path, make_module: MakeModule):

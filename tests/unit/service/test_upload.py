@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from plugboard_server.errors import InvalidRequest
+from plugboard_server.errors import InvalidRequest, StorageError
 from plugboard_server.service.upload import UploadAssembler
 
 CONFIG = b'{"peft_type": "LORA"}'
@@ -90,3 +90,22 @@ def test_incomplete_or_wrong_uploads_fail_at_finish(tmp_path):
             [("adapter_model.safetensors", len(WEIGHTS) + 1, "")],
             [("adapter_config.json", 0, CONFIG), ("adapter_model.safetensors", 0, WEIGHTS)],
         ).finish()
+
+
+@pytest.mark.parametrize("budget", [0, 100, 1500])
+def test_a_full_disk_while_assembling_is_storage_full(tmp_path, monkeypatch, budget):
+    import errno
+    import os
+
+    from plugboard_server.errors import StorageFull
+    from tests.support.faults import DiskFills
+
+    up = UploadAssembler(tmp_path, [], 1 << 20)
+    monkeypatch.setattr(os, "pwrite", DiskFills(tmp_path, budget))
+    with pytest.raises(StorageFull, match="the registry's disk is full") as raised:
+        up.add("adapter_config.json", 0, CONFIG)
+        up.add("adapter_model.safetensors", 0, WEIGHTS)
+    assert str(tmp_path) in str(raised.value) and os.strerror(errno.ENOSPC) in str(raised.value)
+    monkeypatch.setattr(os, "pwrite", DiskFills(tmp_path, 0, errno.EIO))
+    with pytest.raises(StorageError, match="Input/output error"):
+        up.add("adapter_model.safetensors", 4096, b"more")
