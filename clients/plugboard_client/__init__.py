@@ -9,7 +9,9 @@
 
 Responses are the protobuf messages of `plugboard.v1.generation_pb2` (and `adapters_pb2` for the
 module registry methods: list_adapters, register_adapter, ...); failed calls raise the `PlugboardError`
-subclasses exported here. The registry's admin methods need `Client(..., token=ADMIN_TOKEN)`.
+subclasses exported here. The registry's admin methods need `Client(..., token=ADMIN_TOKEN)`; a server
+started with --inference-token-file wants `token=` on every call. TLS: `Client(..., tls_ca="ca.pem")`,
+plus `tls_cert=` and `tls_key=` for mutual TLS (`channel_credentials` builds the same credentials).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from plugboard_client.errors import (
     Unimplemented,
     from_rpc_error,
 )
+from plugboard_client.tls import channel_credentials
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -50,5 +53,6 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "channel_credentials",
     "from_rpc_error",
 ]

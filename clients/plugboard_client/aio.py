@@ -20,6 +20,7 @@ from plugboard_client import adapters, requests
 from plugboard_client.client import DEFAULT_TARGET, ChannelOptions, Metadata, call_metadata
 from plugboard_client.errors import DeadlineExceeded, PlugboardError, from_rpc_error
 from plugboard_client.requests import Messages
+from plugboard_client.tls import PathLike, channel_security
 
 
 class AsyncClient:
@@ -38,11 +39,24 @@ class AsyncClient:
         options: ChannelOptions | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        tls: bool = False,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.metadata: tuple[tuple[str, str], ...] = call_metadata(metadata, token)
-        opts = list(options or ())
+        credentials, opts = channel_security(
+            credentials,
+            options,
+            tls=tls,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_server_name=tls_server_name,
+        )
         self.channel: grpc.aio.Channel = (
             grpc.aio.secure_channel(target, credentials, options=opts)
             if credentials is not None

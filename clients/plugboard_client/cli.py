@@ -23,8 +23,9 @@ from plugboard_client import cli_adapters
 from plugboard_client.client import DEFAULT_TARGET, Client
 from plugboard_client.errors import PlugboardError
 
-# Called as factory(target, timeout=seconds_or_None), plus token=... when a token file is given;
-# anything with Client's methods and close() will do.
+# Called as factory(target, timeout=seconds_or_None), plus token=... when a token file is given and
+# tls_ca=, tls_cert=, tls_key=, tls=, tls_server_name= when set; anything with Client's methods and
+# close() will do.
 ClientFactory = Callable[..., Client]
 
 
@@ -41,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=os.environ.get("PLUGBOARD_TOKEN_FILE") or None,
         metavar="PATH",
-        help="file holding the admin token that `adapters` register/delete/alias/load/unload need "
-        "(default: $PLUGBOARD_TOKEN_FILE)",
+        help="file holding the bearer token sent with every call: the admin token that `adapters` "
+        "register/delete/alias/load/unload need (it serves for every other call too), or the inference "
+        "token of a server started with --inference-token-file (default: $PLUGBOARD_TOKEN_FILE)",
     )
+    add_tls_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="generate a completion")
@@ -82,8 +85,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_tls_arguments(parser: Any) -> None:
+    """--tls-ca, --tls-cert, --tls-key, --tls, --tls-server-name on `parser` (or an argument group)."""
+    env = os.environ.get
+    parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=env("PLUGBOARD_TLS_CA") or None,
+        metavar="PEM",
+        help="connect with TLS, trusting the CA bundle that signed the server's certificate "
+        "(default: $PLUGBOARD_TLS_CA)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=env("PLUGBOARD_TLS_CLIENT_CERT") or None,
+        metavar="PEM",
+        help="client certificate for mutual TLS, with --tls-key (default: $PLUGBOARD_TLS_CLIENT_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        type=Path,
+        default=env("PLUGBOARD_TLS_CLIENT_KEY") or None,
+        metavar="PEM",
+        help="private key of --tls-cert (default: $PLUGBOARD_TLS_CLIENT_KEY)",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="connect with TLS, trusting the system's roots (no --tls-ca)"
+    )
+    parser.add_argument(
+        "--tls-server-name",
+        default=env("PLUGBOARD_TLS_SERVER_NAME") or None,
+        metavar="NAME",
+        help="check the server's certificate for NAME instead of the target's host "
+        "(default: $PLUGBOARD_TLS_SERVER_NAME)",
+    )
+
+
+def tls_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The TLS keyword arguments for Client, only those set; ValueError for a half-given client pair."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    kwargs: dict[str, Any] = {"tls": True} if args.tls else {}
+    for name in ("tls_ca", "tls_cert", "tls_key", "tls_server_name"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    return kwargs
+
+
 def read_token_file(path: Path) -> str:
-    """The admin token in `path`, surrounding whitespace (the trailing newline) stripped."""
+    """The token in `path`, surrounding whitespace (the trailing newline) stripped."""
     try:
         token = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as err:
@@ -115,6 +166,10 @@ def main(argv: Sequence[str] | None = None, *, client_factory: ClientFactory | N
             kwargs["token"] = read_token_file(args.token_file)
         except ValueError as err:
             parser.error(f"--token-file / $PLUGBOARD_TOKEN_FILE: {err}")
+    try:
+        kwargs |= tls_kwargs(args)
+    except ValueError as err:
+        parser.error(str(err))
     factory = client_factory or Client
     try:
         with closing(factory(args.target, **kwargs)) as client:

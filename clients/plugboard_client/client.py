@@ -17,6 +17,7 @@ from plugboard.v1 import generation_pb2 as pb
 from plugboard_client import adapters, requests
 from plugboard_client.errors import DeadlineExceeded, PlugboardError, from_rpc_error
 from plugboard_client.requests import Messages
+from plugboard_client.tls import PathLike, channel_security
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 Metadata = Sequence[tuple[str, str]]
@@ -24,7 +25,7 @@ ChannelOptions = Sequence[tuple[str, Any]]
 
 
 def call_metadata(metadata: Metadata | None, token: str | None) -> tuple[tuple[str, str], ...]:
-    """The metadata sent with every call: `metadata`, plus the admin bearer token when one is given."""
+    """The metadata sent with every call: `metadata`, plus the bearer token (admin or inference) if any."""
     out = tuple(metadata or ())
     if token is None:
         return out
@@ -42,8 +43,11 @@ class Client:
 
     `timeout` is the default per-call deadline in seconds (None: no deadline); every method's own
     `timeout=` overrides it. `metadata` is sent with every call, and so is `token` (as
-    `authorization: Bearer <token>`), which the admin RPCs need: register, delete, alias, load, unload.
-    `credentials` makes a TLS channel.
+    `authorization: Bearer <token>`): the admin token, which the admin RPCs need (register, delete,
+    alias, load, unload), or the inference token of a server started with --inference-token-file.
+    TLS: `tls_ca` (PEM CA bundle that signed the server's certificate; `tls=True` instead trusts the
+    system's roots), plus `tls_cert` and `tls_key` for mutual TLS; `tls_server_name` checks the
+    certificate for that name instead of the target's host. Or hand in ready `credentials`.
     Failed calls raise `plugboard_client.PlugboardError` subclasses, never bare `grpc.RpcError`.
     """
 
@@ -56,11 +60,24 @@ class Client:
         options: ChannelOptions | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        tls: bool = False,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.metadata: tuple[tuple[str, str], ...] = call_metadata(metadata, token)
-        opts = list(options or ())
+        credentials, opts = channel_security(
+            credentials,
+            options,
+            tls=tls,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_server_name=tls_server_name,
+        )
         self.channel: grpc.Channel = (
             grpc.secure_channel(target, credentials, options=opts)
             if credentials is not None

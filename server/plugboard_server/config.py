@@ -37,6 +37,16 @@ class ServerConfig:
     admin_token_file: Path | None = _opt(
         "file holding the bearer token the admin RPCs (register, delete, alias, load, unload) require", None
     )
+    inference_token_file: Path | None = _opt(
+        "file holding the bearer token every other plugboard RPC then requires: Generation and the read-only "
+        "Adapters RPCs (list, get); the admin token is accepted there too. Health and reflection stay open",
+        None,
+    )
+    tls_cert: Path | None = _opt("PEM server certificate chain: serve TLS (needs --tls-key)", None)
+    tls_key: Path | None = _opt("PEM private key of --tls-cert", None)
+    tls_client_ca: Path | None = _opt(
+        "PEM CA bundle: clients must present a certificate signed by it (mutual TLS; needs --tls-cert)", None
+    )
     host: str = _opt("address the gRPC server binds", "127.0.0.1")
     port: int = _opt("gRPC port (0 picks a free one)", 50051)
     metrics_host: str = _opt("address the Prometheus /metrics endpoint binds", "127.0.0.1")
@@ -127,6 +137,31 @@ class ServerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if not 0 <= self.port <= 65535 or not -1 <= self.metrics_port <= 65535:
             raise ValueError("ports must lie in 0..65535")
+        self._validate_security()
+
+    def _validate_security(self) -> None:
+        """TLS flags that go together, readable PEM files, usable and distinct tokens."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and b"-----BEGIN " not in _read_file(name, path):
+                raise ValueError(f"--{name.replace('_', '-')} {path} is not a PEM file")
+        tokens = {}
+        for name in ("admin_token_file", "inference_token_file"):
+            path = getattr(self, name)
+            if path is None:
+                continue
+            token = _read_file(name, path).decode("utf-8", "replace").strip()
+            if not token or not all(" " < c <= "~" for c in token):
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {path} must hold one token: printable ASCII, no spaces"
+                )
+            tokens[name] = token
+        if len(tokens) == 2 and tokens["admin_token_file"] == tokens["inference_token_file"]:
+            raise ValueError("--admin-token-file and --inference-token-file hold the same token; use two")
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
@@ -160,6 +195,13 @@ class ServerConfig:
         except ValueError as exc:
             parser.error(str(exc))
         return config
+
+
+def _read_file(name: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"--{name.replace('_', '-')}: cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _field_type(annotation: Any) -> type:

@@ -31,7 +31,7 @@ from plugboard_server.models.loading import LoadedModel, load_model
 from plugboard_server.registry.importer import import_directory
 from plugboard_server.registry.local import LocalStore
 from plugboard_server.service.adapters import AdaptersServicer
-from plugboard_server.service.auth import AdminAuthInterceptor, read_token
+from plugboard_server.service.auth import AuthInterceptor, read_token, server_credentials
 from plugboard_server.service.generation import GenerationServicer
 
 log = logging.getLogger("plugboard_server")
@@ -75,8 +75,10 @@ class PlugboardServer:
             torch.set_num_threads(cfg.threads)
         cfg.registry.mkdir(parents=True, exist_ok=True)
         interceptors = []
-        if cfg.admin_token_file is not None:
-            interceptors.append(AdminAuthInterceptor(read_token(cfg.admin_token_file)))
+        token_files = {"admin": cfg.admin_token_file, "inference": cfg.inference_token_file}
+        tokens = {f"{kind}_token": read_token(path) for kind, path in token_files.items() if path is not None}
+        if tokens:
+            interceptors.append(AuthInterceptor(**tokens, metrics=self.metrics))
         self._grpc = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -106,7 +108,11 @@ class PlugboardServer:
             self._grpc,
         )
         try:
-            self.port = self._grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            credentials = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+            if credentials is not None:
+                self.port = self._grpc.add_secure_port(f"{cfg.host}:{cfg.port}", credentials)
+            else:
+                self.port = self._grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
         except RuntimeError as exc:
             raise OSError(f"cannot bind the gRPC port {cfg.host}:{cfg.port}: {exc}") from exc
         if cfg.metrics_port >= 0:
@@ -120,6 +126,11 @@ class PlugboardServer:
             cfg.metrics_host,
             self.metrics_port if cfg.metrics_port >= 0 else "off",
             cfg.model,
+        )
+        log.info(
+            "transport: %s; tokens: %s",
+            "mutual TLS" if cfg.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext (no TLS)",
+            ", ".join(kind for kind, path in token_files.items() if path is not None) or "none",
         )
         self._startup = asyncio.create_task(self._load_and_warm(), name="plugboard-startup")
 

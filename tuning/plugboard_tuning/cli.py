@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("PLUGBOARD_TOKEN_FILE") or None,
         help="the server's admin token ($PLUGBOARD_TOKEN_FILE)",
     )
+    from plugboard_client.cli import add_tls_arguments
+
+    add_tls_arguments(o)  # --tls-ca, --tls-cert, --tls-key, ... for a --publish server
     o.add_argument("--alias", help="point NAME@ALIAS at the new version (see --promote-if)")
     o.add_argument(
         "--promote-if",
@@ -231,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
             early_stopping_patience=args.early_stopping,
             eval_every=args.eval_every,
         )
+        from plugboard_client.cli import read_token_file, tls_kwargs
+
         token = None
         if args.token_file is not None:
-            from plugboard_client.cli import read_token_file
-
             token = read_token_file(args.token_file)
         output = args.output or Path("tuned") / (
             args.name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -251,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             name=args.name,
             publish=args.publish,
             token=token,
+            tls=tls_kwargs(args),
             alias=args.alias,
             promote_if=args.promote_if,
             description=args.description,

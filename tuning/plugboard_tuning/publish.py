@@ -106,17 +106,22 @@ class Target(Protocol):
 _ADDRESS = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}$")
 
 
-def open_target(where: str, *, token: str | None = None, model: Any = None) -> Target:
+def open_target(
+    where: str, *, token: str | None = None, tls: Mapping[str, Any] | None = None, model: Any = None
+) -> Target:
     """A server for "host:port", else a registry directory (created if missing).
 
-    `model` (the loaded base model) is needed for a directory, to validate the module against it.
+    `tls` holds Client's TLS options for a server (tls_ca=, tls_cert=, tls_key=, ...). `model` (the
+    loaded base model) is needed for a directory, to validate the module against it.
     """
     if _ADDRESS.match(where) and not Path(where).exists():
-        return ServerTarget(where, token=token)
+        return ServerTarget(where, token=token, tls=tls)
     if token is not None:
         raise PublishError(
             f"an admin token only applies to a server (host:port), not to the directory {where}"
         )
+    if tls:
+        raise PublishError(f"TLS options only apply to a server (host:port), not to the directory {where}")
     if model is None:
         raise PublishError("publishing to a directory needs the base model to validate the module against")
     return DirectoryTarget(Path(where), model)
@@ -188,12 +193,22 @@ class DirectoryTarget:
 class ServerTarget:
     """A running plugboard server: RegisterAdapter with the admin token."""
 
-    def __init__(self, address: str, *, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        tls: Mapping[str, Any] | None = None,
+        timeout: float = 30.0,
+    ) -> None:
         from plugboard_client import Client
 
         self.description = f"server {address}"
         self.address = address
-        self.client = Client(address, token=token, timeout=timeout)
+        try:
+            self.client = Client(address, token=token, timeout=timeout, **(tls or {}))
+        except ValueError as e:  # an unreadable TLS file, a certificate without its key
+            raise PublishError(f"cannot connect to the {self.description}: {e}") from None
 
     def fingerprint(self) -> str:
         from plugboard_client.errors import PlugboardError as ClientError

@@ -58,6 +58,7 @@ class RunOptions:
     name: str | None = None  # the module's registry name; needed to publish
     publish: str | None = None  # a registry directory or host:port
     token: str | None = None  # the server's admin token
+    tls: dict[str, Any] = field(default_factory=dict)  # Client's TLS options for a server: tls_ca=, ...
     alias: str | None = None
     promote_if: Condition | None = None
     description: str = ""
@@ -105,7 +106,7 @@ def run(opts: RunOptions) -> RunResult | None:
     try:
         if opts.publish is not None:
             assert opts.name is not None
-            target = open_target(opts.publish, token=opts.token, model=loaded.model)
+            target = open_target(opts.publish, token=opts.token, tls=opts.tls, model=loaded.model)
             target.check_base(opts.name, loaded.fingerprint)  # before any training, in every process
         return _run(opts, loaded, target, state.is_main_process, state.num_processes)
     finally:

@@ -170,3 +170,16 @@ def test_targets_host_port_is_a_server_and_a_path_a_directory(tmp_path: Path, ti
     directory.close()
     with pytest.raises(Exception, match="admin token only applies to a server"):
         open_target(str(tmp_path / "reg"), token="t", model=tiny_model.model)
+
+
+def test_tls_options_reach_a_server_target(tmp_path: Path, tiny_model) -> None:
+    pem = tmp_path / "ca.pem"
+    pem.write_bytes(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    assert all(flag in cli.build_parser().format_help() for flag in ("--tls-ca", "--tls-cert", "--tls-key"))
+    server = open_target("127.0.0.1:1", token="t", tls={"tls_ca": pem, "tls_server_name": "x.test"})
+    assert isinstance(server, ServerTarget)
+    server.close()
+    with pytest.raises(Exception, match="tls_cert and tls_key go together"):
+        open_target("127.0.0.1:1", tls={"tls_cert": pem})
+    with pytest.raises(Exception, match="TLS options only apply to a server"):
+        open_target(str(tmp_path / "reg"), tls={"tls_ca": pem}, model=tiny_model.model)
