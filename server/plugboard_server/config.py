@@ -71,6 +71,10 @@ class ServerConfig:
     max_queued_requests: int = _opt(
         "most requests waiting; beyond it RESOURCE_EXHAUSTED", _ENGINE_DEFAULTS.max_queued_requests
     )
+    max_queued_tokens: int = _opt(
+        "token budget of the waiting requests (prompt + max_new_tokens each); beyond it RESOURCE_EXHAUSTED",
+        _ENGINE_DEFAULTS.max_queued_tokens,
+    )
     max_input_tokens: int = _opt(
         "longest prompt in tokens (0 = the model's context - 1)", _ENGINE_DEFAULTS.max_input_tokens
     )
@@ -99,6 +103,12 @@ class ServerConfig:
         "per-module metrics get their own label for this many names, the rest 'other'", 20
     )
     max_message_bytes: int = _opt("largest gRPC message received or sent", 4 * 1024 * 1024)
+    max_concurrent_rpcs: int = _opt(
+        "most RPCs in progress on the server at once (streams and uploads included); "
+        "beyond it RESOURCE_EXHAUSTED",
+        2048,
+    )
+    max_concurrent_streams: int = _opt("most concurrent HTTP/2 streams (calls) per client connection", 256)
     grace_period: float = _opt("seconds to finish in-flight requests after SIGTERM", 30.0)
     log_level: str = _opt("logging level", "info", choices=("debug", "info", "warning", "error"))
 
@@ -108,6 +118,7 @@ class ServerConfig:
             max_batch_tokens=self.max_batch_tokens,
             max_prefill_tokens=self.max_prefill_tokens,
             max_queued_requests=self.max_queued_requests,
+            max_queued_tokens=self.max_queued_tokens,
             max_input_tokens=self.max_input_tokens,
             max_new_tokens=self.max_new_tokens,
             default_max_new_tokens=self.default_max_new_tokens,
@@ -124,6 +135,9 @@ class ServerConfig:
             "max_batch_tokens",
             "max_prefill_tokens",
             "max_queued_requests",
+            "max_queued_tokens",
+            "max_concurrent_rpcs",
+            "max_concurrent_streams",
             "max_new_tokens",
             "default_max_new_tokens",
             "max_message_bytes",

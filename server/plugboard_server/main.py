@@ -81,7 +81,9 @@ class PlugboardServer:
             interceptors.append(AuthInterceptor(**tokens, metrics=self.metrics))
         self._grpc = grpc.aio.server(
             interceptors=interceptors,
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
             options=[
+                ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it

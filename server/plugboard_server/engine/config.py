@@ -11,6 +11,7 @@ class EngineConfig:
     max_batch_tokens: int = 65536  # sum over running rows of prompt + max_new_tokens (KV cache budget)
     max_prefill_tokens: int = 8192  # padded tokens in one prefill forward
     max_queued_requests: int = 1024  # beyond this, new requests are refused as overloaded
+    max_queued_tokens: int = 1 << 20  # prompt + max_new_tokens summed over waiting requests, likewise
     max_input_tokens: int = 0  # 0 = the model's context length minus 1
     max_new_tokens: int = 2048  # the most a request may ask for
     default_max_new_tokens: int = 256  # what a request gets when it does not say

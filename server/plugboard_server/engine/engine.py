@@ -92,6 +92,7 @@ class Engine:
         self._idle.set()
         self._accepting = True
         self._task: asyncio.Task[None] | None = None
+        self._finished_at: deque[float] = deque(maxlen=64)  # for the retry hint of a refused request
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -185,7 +186,11 @@ class Engine:
             module=module,
         )
         self._check_accepting()
-        self._scheduler.enqueue(seq)
+        try:
+            self._scheduler.enqueue(seq)
+        except Overloaded as exc:
+            exc.retry_after = self.retry_after()
+            raise
         self.metrics.waiting_requests.set(len(self._scheduler))
         self._idle.clear()
         self._wake.set()
@@ -222,7 +227,10 @@ class Engine:
             module=module,
         )
         if len(self._score_jobs) >= self.config.max_queued_requests:
-            raise Overloaded(f"{len(self._score_jobs)} score requests are already waiting; retry shortly")
+            raise Overloaded(
+                f"{len(self._score_jobs)} score requests are already waiting; retry shortly",
+                retry_after=self.retry_after(),
+            )
         self._score_jobs.append(job)
         self._idle.clear()
         self._wake.set()
@@ -249,6 +257,16 @@ class Engine:
 
     def residency(self, key: str) -> tuple[str, bool]:
         return self.adapters.residency(key)
+
+    def retry_after(self) -> float:
+        """Seconds after which a refused request may find room: the time the recent finish rate takes
+        to move a tenth of the queue along (at least one request), within 50 ms .. 30 s."""
+        recent = self._finished_at
+        if not recent:
+            return 1.0
+        rate = len(recent) / max(time.monotonic() - recent[0], 1e-3)
+        waiting = len(self._scheduler) + len(self._score_jobs)
+        return min(30.0, max(0.05, max(1.0, waiting / 10) / rate))
 
     def info(self) -> ModelInfo:
         return model_info(self.loaded, self.config, self.max_input_tokens)
@@ -292,6 +310,7 @@ class Engine:
             for seq, event in out.events:
                 self._deliver(seq, event)
             for job in out.scored:
+                self._finished_at.append(time.monotonic())
                 if not job.future.done():
                     if isinstance(job.result, BaseException):
                         job.future.set_exception(job.result)
@@ -344,6 +363,7 @@ class Engine:
     def _deliver(self, seq: Sequence, event: Event) -> None:
         seq.events.put_nowait(event)
         if isinstance(event, Finished):
+            self._finished_at.append(time.monotonic())
             record_finish(self.metrics, seq, event)
 
     # ----- on the step thread ----------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Admission: which waiting requests join the running batch at the next step. No torch here.
 
 FIFO with three budgets: rows in the batch, KV tokens the batch may grow to (prompt + max_new_tokens
-per row, the worst case), and padded tokens in one prefill forward. The queue itself is bounded:
-past `max_queued_requests` a new request is refused as overloaded rather than left to grow memory.
+per row, the worst case), and padded tokens in one prefill forward. The queue itself is bounded in
+requests (`max_queued_requests`) and in tokens (`max_queued_tokens`, prompt + max_new_tokens each):
+past either a new request is refused as overloaded rather than left to grow memory and latency.
 """
 
 from __future__ import annotations
@@ -34,9 +35,22 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self._waiting)
 
+    @property
+    def queued_tokens(self) -> int:
+        return sum(item.budget_tokens for item in self._waiting)
+
     def enqueue(self, item: Schedulable) -> None:
-        if len(self._waiting) >= self._config.max_queued_requests:
+        """Queue `item`, or raise Overloaded when the queue is full (a request over the token budget
+        alone is still taken into an empty queue, as an empty batch takes any request)."""
+        cfg = self._config
+        if len(self._waiting) >= cfg.max_queued_requests:
             raise Overloaded(f"{len(self._waiting)} requests are already waiting; retry shortly")
+        queued = self.queued_tokens
+        if self._waiting and queued + item.budget_tokens > cfg.max_queued_tokens:
+            raise Overloaded(
+                f"the waiting requests already hold {queued} of the {cfg.max_queued_tokens} queued tokens "
+                "(prompt + max_new_tokens each); retry shortly"
+            )
         self._waiting.append(item)
 
     def drop_cancelled(self) -> list[Schedulable]:

@@ -216,6 +216,24 @@ async def test_a_full_queue_is_overloaded(tiny_model):
     await e.stop()
 
 
+async def test_the_retry_hint_follows_the_finish_rate_and_the_queue(tiny_model):
+    e = Engine(tiny_model, EngineConfig(max_batch_size=1, max_queued_requests=20))
+    await e.start()
+    short = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    assert e.retry_after() == 1.0  # nothing finished yet: a plain second
+    await asyncio.gather(*(e.generate(_req(p, short)) for p in PROMPTS * 4))
+    idle_hint = e.retry_after()
+    long = await e.submit(_req("hold the only row", SamplingParams(max_new_tokens=400, ignore_eos=True)))
+    await long.__anext__()
+    queued = [await e.submit(_req("queued", short)) for _ in range(20)]
+    with pytest.raises(Overloaded) as err:
+        await e.submit(_req("one too many", short))
+    assert 0.05 <= idle_hint <= err.value.retry_after <= 30  # a longer queue: a longer wait
+    for stream in (long, *queued):
+        stream.cancel()
+    await e.stop()
+
+
 async def test_draining_refuses_new_work_and_finishes_the_old(engine):
     running = asyncio.ensure_future(
         engine.generate(_req(PROMPTS[0], SamplingParams(max_new_tokens=50, ignore_eos=True)))

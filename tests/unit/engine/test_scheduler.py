@@ -57,6 +57,20 @@ def test_queue_is_bounded():
         s.enqueue(Item(1))
 
 
+def test_queue_is_bounded_in_tokens_but_takes_one_big_request_alone():
+    s = Scheduler(EngineConfig(max_queued_tokens=50))
+    big = Item(100)
+    s.enqueue(big)  # over the budget alone: an empty queue still takes it
+    with pytest.raises(Overloaded, match="queued tokens"):
+        s.enqueue(Item(1))
+    assert s.admit([]) == [big]
+    s.enqueue(Item(20))  # 30 tokens
+    with pytest.raises(Overloaded):
+        s.enqueue(Item(15))  # 30 + 25 > 50
+    s.enqueue(Item(5))  # 30 + 15 fits
+    assert s.queued_tokens == 45
+
+
 def test_cancelled_items_are_dropped():
     s = Scheduler(EngineConfig())
     a, b = Item(1), Item(1, cancelled=True)
