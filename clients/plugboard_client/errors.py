@@ -50,7 +50,8 @@ class NotFound(PlugboardError):
 
 
 class ResourceExhausted(PlugboardError):
-    """The server is overloaded; `retry_after` says how long it asked us to back off."""
+    """The server is overloaded (`retry_after`: how long it asked us to back off), or, with no
+    `retry_after`, out of something a retry will not bring back soon (the registry's disk is full)."""
 
     default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
