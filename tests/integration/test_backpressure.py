@@ -95,3 +95,19 @@ def test_an_expired_request_frees_its_module_slot_and_the_module_can_be_evicted(
                 s.close()
     finally:
         srv.stop()
+
+
+def test_a_module_that_can_never_get_a_slot_is_refused_not_left_waiting(tiny_model, two_modules):
+    srv = ServerThread(
+        server_config(max_loaded_adapters=1, adapters_dir=two_modules), loader=lambda: tiny_model
+    ).start()
+    try:
+        with Client(srv.target, timeout=60) as c:
+            c.load_adapter("slow-lora")  # pins the only slot
+            with pytest.raises(ResourceExhausted, match="pinned"):
+                c.generate("x", adapter="next-prefix", max_new_tokens=2)
+            assert c.generate("x", adapter="slow-lora", max_new_tokens=2).generated_tokens == 2
+            c.unload_adapter("slow-lora")
+            assert c.generate("x", adapter="next-prefix", max_new_tokens=2).generated_tokens == 2
+    finally:
+        srv.stop()

@@ -233,6 +233,18 @@ class AdapterManager:
                     resident.doomed = True
             self._update_gauges()
 
+    def check_servable(self, key: str) -> None:
+        """Overloaded when `key` could never get a slot: every slot is pinned by other modules (a
+        request would wait for an UnloadAdapter that may never come)."""
+        with self._lock:
+            if key in self._slots or self._free or not all(r.pinned for r in self._slots.values()):
+                return
+        raise Overloaded(
+            f"every one of the {self.max_slots} device slots is pinned by LoadAdapter; "
+            "unload a module or raise --max-loaded-adapters",
+            retry_after=5.0,
+        )
+
     # ----- reporting ---------------------------------------------------------------------------
 
     def residency(self, key: str) -> tuple[str, bool]:

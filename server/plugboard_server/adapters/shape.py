@@ -19,6 +19,9 @@ def linear_in_out(module: nn.Module) -> tuple[int, int] | None:
         return module.in_features, module.out_features
     if isinstance(module, Conv1D):
         return int(module.weight.shape[0]), int(module.weight.shape[1])
+    wrapped = getattr(module, "base", None)  # a layer an earlier engine on this model wrapped for LoRA
+    if isinstance(wrapped, nn.Module):
+        return linear_in_out(wrapped)
     return None
 
 
@@ -29,7 +32,8 @@ def model_shape(model: Any) -> ModelShape:
     layers = int(getattr(config, "num_hidden_layers", None) or config.n_layer)
     linear = {}
     for name, module in model.named_modules():
-        if name.split(".")[-1] in _EXCLUDED:
+        parent, _, leaf = name.rpartition(".")
+        if leaf in _EXCLUDED or (leaf == "base" and parent in linear):  # the wrapped layer, seen above
             continue
         dims = linear_in_out(module)
         if dims is not None:

@@ -145,7 +145,10 @@ class Engine:
 
     async def _module(self, ref: AdapterRef | None) -> AdapterWeights | None:
         """Read and validate the module off the event loop (cached after the first request)."""
-        return None if ref is None else await asyncio.to_thread(self.adapters.load, ref)
+        if ref is None:
+            return None
+        self.adapters.check_servable(ref.key)
+        return await asyncio.to_thread(self.adapters.load, ref)
 
     def encode(self, prompt: str, messages: tuple[ChatMessage, ...]) -> list[int]:
         """Prompt text -> ids (no special tokens added), or messages through the chat template."""
@@ -209,7 +212,9 @@ class Engine:
         module = await self._module(inp.adapter)
         request_id = inp.request_id or uuid.uuid4().hex[:16]
         prompt_ids = await asyncio.to_thread(self.encode, inp.prompt, inp.messages)
-        choice_ids = [self.tokenizer.encode(c, add_special_tokens=False) for c in inp.choices]
+        choice_ids = await asyncio.to_thread(
+            lambda: [self.tokenizer.encode(c, add_special_tokens=False) for c in inp.choices]
+        )
         for i, ids in enumerate(choice_ids):
             if not ids:
                 raise InvalidRequest("the choice has no tokens", field=f"choices[{i}]")
@@ -273,7 +278,10 @@ class Engine:
 
     async def tokenize(self, text: str, messages: tuple[ChatMessage, ...]) -> Tokenized:
         validation.check_input(text, messages, has_chat_template=self.loaded.has_chat_template)
-        ids = await asyncio.to_thread(self.encode, text, messages)
+        return await asyncio.to_thread(self._tokenize, text, messages)
+
+    def _tokenize(self, text: str, messages: tuple[ChatMessage, ...]) -> Tokenized:
+        ids = self.encode(text, messages)
         # Each token's own text; a token holding part of a multi-byte character shows U+FFFD.
         tokens = [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
         return Tokenized(tuple(ids), tuple(tokens))

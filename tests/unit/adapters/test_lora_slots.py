@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from plugboard_server.adapters.lora import LoraBatch, LoraSlots
+from plugboard_server.adapters.shape import model_shape
 from plugboard_server.adapters.types import LoraLayer, LoraWeights
 
 
@@ -75,3 +76,15 @@ def test_no_adapter_rows_leave_the_base_output_untouched():
     batch = LoraBatch()
     batch.set(torch.tensor([0, 0]), rank=0)
     assert batch.slots is None
+
+
+def test_a_model_wrapped_by_an_earlier_engine_has_the_same_shape(tiny_model):
+    fresh = model_shape(tiny_model.model).linear_layers
+    slots = LoraSlots(tiny_model.model, slots=2, max_rank=4, dtype=torch.float32, device=torch.device("cpu"))
+    path = next(p for p in fresh if p.endswith("q_proj"))
+    wrapper = slots._wrap(path)
+    try:
+        assert model_shape(tiny_model.model).linear_layers == fresh  # a second engine may adapt it too
+    finally:
+        parent, _, child = path.rpartition(".")
+        setattr(tiny_model.model.get_submodule(parent), child, wrapper.base)
