@@ -33,6 +33,7 @@ from plugboard_server.registry.local import LocalStore
 from plugboard_server.service.adapters import AdaptersServicer
 from plugboard_server.service.auth import AuthInterceptor, read_token, server_credentials
 from plugboard_server.service.generation import GenerationServicer
+from plugboard_server.service.wire import MalformedRequestInterceptor
 
 log = logging.getLogger("plugboard_server")
 
@@ -74,7 +75,7 @@ class PlugboardServer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         cfg.registry.mkdir(parents=True, exist_ok=True)
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
         token_files = {"admin": cfg.admin_token_file, "inference": cfg.inference_token_file}
         tokens = {f"{kind}_token": read_token(path) for kind, path in token_files.items() if path is not None}
         if tokens:

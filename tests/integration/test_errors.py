@@ -155,3 +155,24 @@ def test_not_ready_is_unavailable(tiny_model):
     finally:
         release.set()
         srv.stop()
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "/plugboard.v1.Generation/Generate",
+        "/plugboard.v1.Generation/GenerateStream",
+        "/grpc.health.v1.Health/Check",
+    ],
+)
+def test_bytes_that_are_not_a_protobuf_message_are_invalid_argument(server, method):
+    with grpc.insecure_channel(server.target) as channel:
+        if method.endswith("Stream"):
+            call = channel.unary_stream(method)(b"\xff\xff\xff", timeout=10)
+            with pytest.raises(grpc.RpcError) as err:
+                list(call)
+        else:
+            with pytest.raises(grpc.RpcError) as err:
+                channel.unary_unary(method)(b"\xff\xff\xff", timeout=10)
+    assert err.value.code() == INVALID, err.value.details()
+    assert "not a valid protobuf message" in err.value.details()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from plugboard_server.errors import InvalidRequest
-from plugboard_server.registry.store import LATEST, ModuleFacts, ModuleVersion
+from plugboard_server.registry.store import LATEST, NAME_PATTERN, ModuleFacts, ModuleVersion
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -242,7 +242,13 @@ def encode_token(name: str, version: int) -> str:
 def decode_token(token: str) -> tuple[str, int]:
     try:
         name, version = json.loads(base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True))
-        if isinstance(name, str) and type(version) is int:
+        # Only what a previous page can have produced: a valid name, a version SQLite can hold.
+        if (
+            isinstance(name, str)
+            and NAME_PATTERN.fullmatch(name)
+            and type(version) is int
+            and 0 <= version < 2**63
+        ):
             return name, version
     except (UnicodeError, binascii.Error, ValueError, TypeError):
         pass

@@ -339,7 +339,7 @@ class LocalStore:
         known = set(db.execute("SELECT name, version FROM versions").fetchall())
         orphans: list[tuple[str, int, Path]] = []
         for module in os.scandir(self.modules_root):
-            if not (module.is_dir(follow_symlinks=False) and NAME_PATTERN.match(module.name)):
+            if not (module.is_dir(follow_symlinks=False) and NAME_PATTERN.fullmatch(module.name)):
                 continue
             for v in os.scandir(module.path):
                 if not (v.name.isascii() and v.name.isdigit()) or (module.name, int(v.name)) in known:

@@ -18,9 +18,9 @@ from plugboard_server.errors import AdapterNotFound, InvalidRequest, PlugboardEr
 if TYPE_CHECKING:  # the registry itself needs no torch
     from plugboard_server.adapters.types import AdapterSpec
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # used with fullmatch: "$" would pass "x\n"
 # An alias may not be all digits, or "name@7" would be ambiguous.
-ALIAS_PATTERN = re.compile(r"^(?![0-9]+$)[a-z0-9][a-z0-9._-]{0,63}$")
+ALIAS_PATTERN = re.compile(r"(?![0-9]+\Z)[a-z0-9][a-z0-9._-]{0,63}")
 LATEST = "latest"
 CONFIG_FILE = "adapter_config.json"
 
@@ -93,7 +93,7 @@ class ModuleVersion:
 
 
 def check_name(name: str, what: str = "name") -> str:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise InvalidRequest(
             f"{name!r} is not a valid module {what}: lowercase letters, digits, '.', '_' and '-', "
             "starting with a letter or digit, at most 64 characters",
@@ -105,7 +105,7 @@ def check_name(name: str, what: str = "name") -> str:
 def check_alias(alias: str) -> str:
     if alias == LATEST:
         raise InvalidRequest("'latest' always means the highest version; it cannot be set", field="alias")
-    if not ALIAS_PATTERN.match(alias):
+    if not ALIAS_PATTERN.fullmatch(alias):
         raise InvalidRequest(
             f"{alias!r} is not a valid alias: like a name, and not all digits", field="alias"
         )
@@ -116,7 +116,7 @@ def parse_ref(ref: str) -> tuple[str, str]:
     """'name', 'name@7' or 'name@alias' -> (name, selector); the selector of a bare name is 'latest'."""
     name, at, selector = ref.partition("@")
     check_name(name, "adapter")
-    if at and not ((selector.isascii() and selector.isdigit()) or ALIAS_PATTERN.match(selector)):
+    if at and not ((selector.isascii() and selector.isdigit()) or ALIAS_PATTERN.fullmatch(selector)):
         raise InvalidRequest(
             f"{ref!r}: the version or alias after '@' is empty or malformed", field="adapter"
         )

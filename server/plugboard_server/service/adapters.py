@@ -69,6 +69,8 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     ) -> pb.ListAdaptersResponse:
         if request.page_size > MAX_PAGE_SIZE:
             raise InvalidRequest(f"at most {MAX_PAGE_SIZE} per page", field="page_size")
+        if request.kind not in pb.AdapterKind.values():
+            raise InvalidRequest(f"unknown kind {request.kind}", field="kind")
         kind = pb.AdapterKind.Name(request.kind) if request.kind else ""
         versions, token = await asyncio.to_thread(
             self._store.list_versions,
@@ -101,6 +103,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         check_name(header.name)
         if header.alias:
             check_alias(header.alias)
+        metadata = _metadata(header)
         manifest = [(f.filename, f.size_bytes, f.sha256) for f in header.files]
         with self._store.staging() as staging:
             upload = UploadAssembler(staging, manifest, self._max_upload_bytes)
@@ -108,7 +111,8 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
                 if not message.HasField("chunk"):
                     raise InvalidRequest("only one header, then file chunks", field="header")
                 chunk = message.chunk
-                upload.add(chunk.filename, chunk.offset, chunk.data)
+                # Off the event loop: a slow or full disk must not stall every other call.
+                await asyncio.to_thread(upload.add, chunk.filename, chunk.offset, chunk.data)
             await asyncio.to_thread(upload.finish)
             facts = await engine.module_facts(staging)
             version = await asyncio.to_thread(
@@ -118,7 +122,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
                 facts,
                 description=header.description,
                 tags=tuple(header.tags),
-                metadata=json_format.MessageToDict(header.metadata) if header.HasField("metadata") else None,
+                metadata=metadata,
                 alias=header.alias or None,
             )
         await self._refresh_counts()
@@ -164,3 +168,12 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         version = await asyncio.to_thread(self._store.get, request.adapter)
         self._engine().unload_module(version.key)
         return self._info(version)
+
+
+def _metadata(header: pb.RegisterAdapterHeader) -> dict | None:
+    if not header.HasField("metadata"):
+        return None
+    try:
+        return json_format.MessageToDict(header.metadata)
+    except ValueError as exc:  # NaN or Infinity: JSON has no such numbers
+        raise InvalidRequest(f"not JSON-representable: {exc}", field="metadata") from None

@@ -20,6 +20,7 @@ from plugboard_server.registry.store import CONFIG_FILE
 
 _SAFE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 MAX_FILES = 8
+MAX_FILENAME = 128  # well inside every filesystem's 255-byte limit
 
 
 def check_filename(name: str) -> str:
@@ -33,6 +34,10 @@ def check_filename(name: str) -> str:
         )
     if not name or name.startswith(".") or not set(name) <= _SAFE_NAME_CHARS:
         raise InvalidRequest(f"file name {name!r} is not a plain file name", field="filename")
+    if len(name) > MAX_FILENAME:
+        raise InvalidRequest(
+            f"file name {name[:32]!r}... is over {MAX_FILENAME} characters", field="filename"
+        )
     return name
 
 
@@ -70,6 +75,11 @@ class UploadAssembler:
                 raise InvalidRequest(f"more than {MAX_FILES} files in one upload", field="filename")
             f = self.files[filename] = _File(self.staging / filename)
         end = offset + len(data)
+        if end > self.max_bytes:  # before any file is touched: a huge offset would make a huge sparse file
+            raise InvalidRequest(
+                f"{filename}: data at offset {offset} ends past the upload limit of {self.max_bytes} bytes",
+                "offset",
+            )
         if f.expected_size is not None and end > f.expected_size:
             raise InvalidRequest(
                 f"{filename}: data past its declared size of {f.expected_size} bytes", "offset"

@@ -63,6 +63,16 @@ def test_size_limits(tmp_path):
         up.add("adapter_model.safetensors", 0, WEIGHTS)
 
 
+def test_offsets_past_the_limit_and_long_names_are_refused_before_any_file_is_made(tmp_path):
+    up = UploadAssembler(tmp_path, [], 1024)
+    for offset in (1024, 2**44, 2**63, 2**64 - 1):  # a huge offset would make a huge sparse file
+        with pytest.raises(InvalidRequest, match="upload limit"):
+            up.add("adapter_model.safetensors", offset, b"x")
+    with pytest.raises(InvalidRequest, match="over 128 characters"):
+        up.add("a" * 300 + ".safetensors", 0, b"x")
+    assert not any(tmp_path.iterdir())
+
+
 def test_incomplete_or_wrong_uploads_fail_at_finish(tmp_path):
     def assembled(manifest, chunks):
         d = tmp_path / str(len(list(tmp_path.iterdir())))
