@@ -128,6 +128,7 @@ class LoraSlots:
     """The wrapped layers of one model, by module path; wraps a layer the first time an adapter needs it."""
 
     def __init__(self, model: nn.Module, slots: int, max_rank: int, dtype: torch.dtype, device: torch.device):
+        unwrap(model)  # wrappers an earlier engine left would add its last batch's deltas
         self.model = model
         self.batch = LoraBatch()
         self._slots, self._max_rank = slots, max_rank
@@ -138,8 +139,6 @@ class LoraSlots:
         parent_path, _, child = path.rpartition(".")
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
         base = getattr(parent, child)
-        if isinstance(base, MultiLoraLinear):  # left by an earlier engine on the same model object
-            base = base.base
         wrapper = MultiLoraLinear(base, self.batch, self._slots, self._max_rank, self._dtype, self._device)
         setattr(parent, child, wrapper)
         self.layers[path] = wrapper
@@ -153,3 +152,12 @@ class LoraSlots:
             w = lora.layers.get(path)
             layer.write(slot, w.a if w else None, w.b if w else None)
         self.batch.invalidate()
+
+
+def unwrap(model: nn.Module) -> None:
+    """Put the base layers back where LoraSlots wrapped them (an engine stopping, or a new one starting)."""
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, MultiLoraLinear)]
+    for path in wrapped:
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, getattr(parent, child).base)

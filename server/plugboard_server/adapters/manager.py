@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from plugboard_server.adapters.formats import read_spec
-from plugboard_server.adapters.lora import LoraSlots
+from plugboard_server.adapters.lora import LoraSlots, unwrap
 from plugboard_server.adapters.types import AdapterLimits, AdapterSpec, AdapterWeights, ModelShape, ModuleKind
 from plugboard_server.adapters.weights import read_adapter
 from plugboard_server.errors import AdapterNotFound, CorruptModule, IncompatibleAdapter, Overloaded
@@ -84,6 +84,7 @@ class AdapterManager:
         self._lock = threading.Lock()
         self._host: OrderedDict[str, AdapterWeights] = OrderedDict()  # least recently used first
         self._slots: OrderedDict[str, Resident] = OrderedDict()
+        self._draining: set[int] = set()  # slots of unloaded modules that rows still use: free soon
         self._free = list(range(max_slots, 0, -1))  # slot 0 is "no adapter"
 
     # ----- disk -> host ------------------------------------------------------------------------
@@ -204,6 +205,7 @@ class AdapterManager:
         with self._lock:
             resident.refs -= 1
             if resident.doomed and resident.refs == 0:
+                self._draining.discard(resident.slot)
                 self._free.append(resident.slot)
 
     def pin(self, ref: AdapterRef) -> Resident:
@@ -231,13 +233,25 @@ class AdapterManager:
                     self._free.append(resident.slot)
                 else:
                     resident.doomed = True
+                    self._draining.add(resident.slot)
             self._update_gauges()
+
+    def close(self) -> None:
+        """The engine stopped: give the model its plain layers back (it may serve another engine)."""
+        with self._lock:
+            unwrap(self.lora.model)
+            self.lora.layers.clear()
 
     def check_servable(self, key: str) -> None:
         """Overloaded when `key` could never get a slot: every slot is pinned by other modules (a
         request would wait for an UnloadAdapter that may never come)."""
         with self._lock:
-            if key in self._slots or self._free or not all(r.pinned for r in self._slots.values()):
+            if (
+                key in self._slots
+                or self._free
+                or self._draining
+                or not all(r.pinned for r in self._slots.values())
+            ):
                 return
         raise Overloaded(
             f"every one of the {self.max_slots} device slots is pinned by LoadAdapter; "

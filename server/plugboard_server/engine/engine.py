@@ -128,6 +128,7 @@ class Engine:
             if not job.future.done():
                 job.future.set_exception(closed)
         self._batch = None
+        self.adapters.close()
 
     @property
     def running(self) -> int:

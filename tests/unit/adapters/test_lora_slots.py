@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from plugboard_server.adapters.lora import LoraBatch, LoraSlots
+from plugboard_server.adapters.lora import LoraBatch, LoraSlots, MultiLoraLinear, unwrap
 from plugboard_server.adapters.shape import model_shape
 from plugboard_server.adapters.types import LoraLayer, LoraWeights
 
@@ -88,3 +88,14 @@ def test_a_model_wrapped_by_an_earlier_engine_has_the_same_shape(tiny_model):
     finally:
         parent, _, child = path.rpartition(".")
         setattr(tiny_model.model.get_submodule(parent), child, wrapper.base)
+
+
+def test_a_new_engine_on_the_same_model_starts_from_the_plain_layers(tiny_model):
+    path = next(p for p in model_shape(tiny_model.model).linear_layers if p.endswith("q_proj"))
+    first = LoraSlots(tiny_model.model, slots=2, max_rank=4, dtype=torch.float32, device=torch.device("cpu"))
+    plain = first._wrap(path).base
+    LoraSlots(tiny_model.model, slots=2, max_rank=4, dtype=torch.float32, device=torch.device("cpu"))
+    assert tiny_model.model.get_submodule(path) is plain  # the earlier wrapper is gone
+    first._wrap(path)
+    unwrap(tiny_model.model)
+    assert not any(isinstance(m, MultiLoraLinear) for m in tiny_model.model.modules())

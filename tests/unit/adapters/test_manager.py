@@ -92,6 +92,21 @@ def test_unloading_a_module_in_use_keeps_its_slot_until_the_last_row_leaves(mana
     assert _reserve(manager, module_dirs, "c").slot == a.slot
 
 
+def test_a_module_is_unservable_only_while_every_slot_stays_pinned_by_others(manager, module_dirs):
+    manager.pin(_ref(module_dirs, "a"))
+    b = manager.pin(_ref(module_dirs, "b"))
+    manager.check_servable("a@1")  # has a slot
+    with pytest.raises(Overloaded, match="pinned"):
+        manager.check_servable("c@1")
+    in_use = manager.reserve("b@1", manager.load(_ref(module_dirs, "b")))
+    manager.unload("b@1")  # b's slot frees when its row leaves: c may wait for it
+    manager.check_servable("c@1")
+    manager.release(in_use)
+    assert in_use is b
+    manager.check_servable("c@1")
+    assert _reserve(manager, module_dirs, "c").slot == b.slot
+
+
 def test_host_tier_is_bounded_lru(manager, module_dirs):
     for name in ("a", "b", "c", "d"):
         manager.load(_ref(module_dirs, name))
