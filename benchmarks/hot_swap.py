@@ -20,16 +20,10 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks.common import base_model_dir, percentile, serve
 from plugboard_client import Client
-from plugboard_server.models.default import provision
-from plugboard_server.models.loading import load_model
 from tests.support import peft_modules as pm
-from tests.support.server import ServerThread, server_config
-
-
-def _percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+from tests.support.server import ServerThread
 
 
 def _histogram(server: ServerThread, tier: str) -> tuple[float, float]:
@@ -44,62 +38,69 @@ def _histogram(server: ServerThread, tier: str) -> tuple[float, float]:
     return count, total
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--publishes", type=int, default=10, help="publishes per kind")
-    p.add_argument("--cycles", type=int, default=1000, help="load / evict cycles for the RSS figure")
-    args = p.parse_args()
-    base_dir = provision()
+def run(model: str = "default", publishes: int = 10, cycles: int = 1000) -> dict:
+    base_dir = base_model_dir(model)
     work = Path(tempfile.mkdtemp(prefix="plugboard-hotswap-"))
     sources = {
         "prefix": [pm.prefix(base_dir, work / f"prefix-{i}", tokens=16, seed=i) for i in range(2)],
         "lora": [pm.lora(base_dir, work / f"lora-{i}", r=8, seed=i) for i in range(2)],
     }
-    server = ServerThread(
-        server_config(registry=work / "registry", max_loaded_adapters=4, metrics_port=-1),
-        loader=lambda: load_model(str(base_dir)),
-    ).start()
+    out: dict = {"name": "(d) hot swap", "publish_to_first_ms": {}, "device_tier_ms": {}, "load_ms": {}}
     rss = psutil.Process()
-    try:
-        with Client(server.target, timeout=600) as c:
-            for kind, dirs in sources.items():
-                latencies = []
-                for i in range(args.publishes):
-                    start = time.perf_counter()
-                    info = c.register_adapter(dirs[i % 2], name=f"swap-{kind}")
-                    r = c.generate("Hello", adapter=f"swap-{kind}", max_new_tokens=1)
-                    latencies.append(time.perf_counter() - start)
-                    assert r.adapter == info.ref, (r.adapter, info.ref)
-                p50, p99 = statistics.median(latencies) * 1000, _percentile(latencies, 0.99) * 1000
-                print(f"publish -> first served request ({kind}): p50 {p50:.0f} ms, p99 {p99:.0f} ms")
-            for adapter in ("", "swap-prefix", "swap-lora"):  # the device tier: already in a slot
-                times = []
-                for _ in range(5):
-                    start = time.perf_counter()
-                    c.generate("Hello", adapter=adapter, max_new_tokens=1)
-                    times.append(time.perf_counter() - start)
-                print(
-                    f"1-token request, module already in a device slot ({adapter or 'base model'}): "
-                    f"{statistics.median(times) * 1000:.1f} ms"
-                )
-            for tier in ("disk", "host"):
-                count, total = _histogram(server, tier)
-                mean = total / max(count, 1) * 1000
-                print(f"module load from {tier}: mean {mean:.1f} ms over {count:.0f} loads")
-            names = ["swap-prefix", "swap-lora"]
-            before = None
-            for i in range(args.cycles):
-                c.load_adapter(names[i % 2])
-                c.unload_adapter(names[i % 2])
-                if i + 1 == 100:
-                    before = rss.memory_info().rss
-            after = rss.memory_info().rss
-            print(
-                f"RSS after 100 load/evict cycles {before / 2**20:.1f} MiB, after {args.cycles}: "
-                f"{after / 2**20:.1f} MiB (ratio {after / before:.3f})"
-            )
-    finally:
-        server.stop()
+    with (
+        serve(base_dir, registry=work / "registry", max_loaded_adapters=4) as server,
+        Client(server.target, timeout=600) as c,
+    ):
+        for kind, dirs in sources.items():
+            latencies = []
+            for i in range(publishes):
+                start = time.perf_counter()
+                info = c.register_adapter(dirs[i % 2], name=f"swap-{kind}")
+                r = c.generate("Hello", adapter=f"swap-{kind}", max_new_tokens=1)
+                latencies.append(time.perf_counter() - start)
+                assert r.adapter == info.ref, (r.adapter, info.ref)  # served by the new version
+            out["publish_to_first_ms"][kind] = {
+                "p50": statistics.median(latencies) * 1000,
+                "p99": percentile(latencies, 0.99) * 1000,
+            }
+        for adapter in ("", "swap-prefix", "swap-lora"):  # the device tier: already in a slot
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                c.generate("Hello", adapter=adapter, max_new_tokens=1)
+                times.append(time.perf_counter() - start)
+            out["device_tier_ms"][adapter or "base"] = statistics.median(times) * 1000
+        for tier in ("disk", "host"):
+            count, total = _histogram(server, tier)
+            out["load_ms"][tier] = {"mean": total / max(count, 1) * 1000, "loads": count}
+        names = ["swap-prefix", "swap-lora"]
+        before = after = 0
+        for i in range(cycles):
+            c.load_adapter(names[i % 2])
+            c.unload_adapter(names[i % 2])
+            if i + 1 == min(100, cycles):
+                before = rss.memory_info().rss
+        after = rss.memory_info().rss
+    out["rss_mib"] = {"after_100": before / 2**20, f"after_{cycles}": after / 2**20}
+    out["rss_ratio"] = after / before if before else float("nan")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--publishes", type=int, default=10, help="publishes per kind")
+    p.add_argument("--cycles", type=int, default=1000, help="load / evict cycles for the RSS figure")
+    args = p.parse_args()
+    r = run(args.model, args.publishes, args.cycles)
+    for kind, f in r["publish_to_first_ms"].items():
+        print(f"publish -> first served request ({kind}): p50 {f['p50']:.0f} ms, p99 {f['p99']:.0f} ms")
+    for adapter, ms in r["device_tier_ms"].items():
+        print(f"1-token request, module already in a device slot ({adapter}): {ms:.1f} ms")
+    for tier, f in r["load_ms"].items():
+        print(f"module load from {tier}: mean {f['mean']:.1f} ms over {f['loads']:.0f} loads")
+    rss = ", ".join(f"{k} {v:.1f} MiB" for k, v in r["rss_mib"].items())
+    print(f"RSS {rss} (ratio {r['rss_ratio']:.3f})")
 
 
 if __name__ == "__main__":

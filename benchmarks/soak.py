@@ -34,7 +34,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.module_mix import make_modules
+from benchmarks.common import make_modules
 from plugboard_client import AsyncClient, PlugboardError, ResourceExhausted
 from plugboard_server.models.default import provision
 
@@ -343,8 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     base_dir = provision() if args.model == "default" else Path(args.model)
-    names = make_modules(base_dir, args.modules_dir, args.modules, tokens=16, rank=8)
-    modules = [args.modules_dir / n for n in names]
+    modules = make_modules(base_dir, args.modules_dir, args.modules, tokens=16, rank=8)
     config = SoakConfig(
         clients=args.clients,
         duration=args.duration,

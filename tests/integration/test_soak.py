@@ -13,7 +13,7 @@ import os
 import psutil
 import pytest
 
-from benchmarks.module_mix import make_modules
+from benchmarks.common import make_modules
 from benchmarks.soak import SoakConfig, soak
 from tests.support.server import ServerThread, server_config
 
@@ -22,7 +22,7 @@ SECONDS = float(os.environ.get("PLUGBOARD_SOAK_SECONDS", "60"))
 
 @pytest.mark.timeout(SECONDS + 240)
 def test_a_short_soak_with_churn_serves_every_request_right(tiny_model, tiny_model_dir, tmp_path):
-    names = make_modules(tiny_model_dir, tmp_path / "modules", 8, tokens=4, rank=4)
+    modules = make_modules(tiny_model_dir, tmp_path / "modules", 8, tokens=4, rank=4)
     srv = ServerThread(
         server_config(max_batch_size=8, max_loaded_adapters=6, max_host_adapters=8, max_queued_requests=4),
         loader=lambda: tiny_model,
@@ -33,7 +33,7 @@ def test_a_short_soak_with_churn_serves_every_request_right(tiny_model, tiny_mod
         report = asyncio.run(
             soak(
                 srv.target,
-                [tmp_path / "modules" / n for n in names],
+                modules,
                 config,
                 rss=lambda: me.memory_info().rss,
             )
