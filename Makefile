@@ -22,7 +22,7 @@ REGISTRY ?= ./var/registry
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve demo test lint proto install install-test model clean
+.PHONY: serve demo test lint bench proto install install-test model clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,12 @@ lint: $(VENV)/.installed-test
 
 test: lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The side-by-side comparisons (a)-(f) of docs/benchmarks.md on the default model, with their ratios
+# and plots (tens of minutes on a 2-core CPU; BENCH_ARGS="--size quick" for a shorter pass).
+BENCH_ARGS ?=
+bench: model $(VENV)/.installed-test
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
 
 proto: $(VENV)/.installed-test
 	$(BIN)/python tools/gen_proto.py
