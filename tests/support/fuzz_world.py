@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, settings
 from plugboard.v1 import adapters_pb2 as apb
 from plugboard.v1 import adapters_pb2_grpc, generation_pb2_grpc
 from plugboard.v1 import generation_pb2 as pb
+from plugboard_server.engine.prompt import encode_prompt
 from plugboard_server.models.loading import load_model
 from tests.support import fuzz_strategies as fz
 from tests.support import peft_modules as pm
@@ -138,16 +139,8 @@ class World:
         return answer
 
     def encode(self, prompt: str, messages: Any) -> list[int]:
-        """What the server tokenizes (engine.encode), with a tokenizer of our own."""
-        if messages:
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in messages],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=False,
-            )
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        """What the server tokenizes, with a tokenizer of our own."""
+        return encode_prompt(self.tokenizer, prompt, messages)
 
     def greedy(self, adapter: str) -> pb.GenerateResponse:
         request = copy.deepcopy(BASELINE)

@@ -25,10 +25,11 @@ from plugboard_server.adapters.types import AdapterLimits, AdapterWeights
 from plugboard_server.engine import validation
 from plugboard_server.engine.batch import Batch
 from plugboard_server.engine.config import EngineConfig
+from plugboard_server.engine.prompt import encode_prompt
 from plugboard_server.engine.reporting import model_info, record_finish
 from plugboard_server.engine.runner import ModelRunner
 from plugboard_server.engine.sampling import sample
-from plugboard_server.engine.scheduler import Scheduler, plan_prefill
+from plugboard_server.engine.scheduler import FinishRate, Scheduler, plan_prefill
 from plugboard_server.engine.scoring import ScoreJob, score_result
 from plugboard_server.engine.sequence import Event, Sequence
 from plugboard_server.engine.stream import GenerationStream
@@ -92,7 +93,7 @@ class Engine:
         self._idle.set()
         self._accepting = True
         self._task: asyncio.Task[None] | None = None
-        self._finished_at: deque[float] = deque(maxlen=64)  # for the retry hint of a refused request
+        self._finished = FinishRate()  # for the retry hint of a refused request
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -152,16 +153,7 @@ class Engine:
         return await asyncio.to_thread(self.adapters.load, ref)
 
     def encode(self, prompt: str, messages: tuple[ChatMessage, ...]) -> list[int]:
-        """Prompt text -> ids (no special tokens added), or messages through the chat template."""
-        if messages:
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in messages],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=False,
-            )
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        return encode_prompt(self.tokenizer, prompt, messages)
 
     async def submit(self, inp: GenerateInput) -> GenerationStream:
         """Queue a generation; iterate the returned stream for its deltas and its Finished event."""
@@ -265,14 +257,8 @@ class Engine:
         return self.adapters.residency(key)
 
     def retry_after(self) -> float:
-        """Seconds after which a refused request may find room: the time the recent finish rate takes
-        to move a tenth of the queue along (at least one request), within 50 ms .. 30 s."""
-        recent = self._finished_at
-        if not recent:
-            return 1.0
-        rate = len(recent) / max(time.monotonic() - recent[0], 1e-3)
-        waiting = len(self._scheduler) + len(self._score_jobs)
-        return min(30.0, max(0.05, max(1.0, waiting / 10) / rate))
+        """Seconds after which a refused request may find room (see FinishRate.retry_after)."""
+        return self._finished.retry_after(len(self._scheduler) + len(self._score_jobs))
 
     def info(self) -> ModelInfo:
         return model_info(self.loaded, self.config, self.max_input_tokens)
@@ -319,7 +305,7 @@ class Engine:
             for seq, event in out.events:
                 self._deliver(seq, event)
             for job in out.scored:
-                self._finished_at.append(time.monotonic())
+                self._finished.record()
                 if not job.future.done():
                     if isinstance(job.result, BaseException):
                         job.future.set_exception(job.result)
@@ -372,7 +358,7 @@ class Engine:
     def _deliver(self, seq: Sequence, event: Event) -> None:
         seq.events.put_nowait(event)
         if isinstance(event, Finished):
-            self._finished_at.append(time.monotonic())
+            self._finished.record()
             record_finish(self.metrics, seq, event)
 
     # ----- on the step thread ----------------------------------------------------------------

@@ -8,6 +8,7 @@ past either a new request is refused as overloaded rather than left to grow memo
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -96,6 +97,24 @@ class Scheduler:
         blocked.extend(self._waiting)
         self._waiting = blocked
         return admitted
+
+
+class FinishRate:
+    """When the requests finished lately -> how long a refused request should wait before retrying."""
+
+    def __init__(self, window: int = 64) -> None:
+        self._times: deque[float] = deque(maxlen=window)
+
+    def record(self) -> None:
+        self._times.append(time.monotonic())
+
+    def retry_after(self, waiting: int) -> float:
+        """The time the recent finish rate takes to move a tenth of the `waiting` queue along (at least
+        one request), within 50 ms .. 30 s; 1 s before anything finished."""
+        if not self._times:
+            return 1.0
+        rate = len(self._times) / max(time.monotonic() - self._times[0], 1e-3)
+        return min(30.0, max(0.05, max(1.0, waiting / 10) / rate))
 
 
 def plan_prefill(lengths: list[int], waste: int = 64) -> list[list[int]]:

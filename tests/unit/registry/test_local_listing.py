@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from pathlib import Path
 
@@ -143,3 +145,19 @@ def test_listing_ten_thousand_modules_is_fast(store: LocalStore, make_module: Ma
 
 def _tags(i: int) -> tuple[str, ...]:
     return ("common",) if i % 2 else ("rare",) if i % 100 == 0 else ()
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        ["zz", 2**63],  # past SQLite's integers
+        ["zz", -1],
+        ["\ud800", 1],  # a lone surrogate
+        ["Not A Name", 1],
+        ["zz", 1.5],
+    ],
+)
+def test_page_tokens_the_store_never_made_are_refused(store: LocalStore, token: list):
+    encoded = base64.urlsafe_b64encode(json.dumps(token).encode()).decode()
+    with pytest.raises(InvalidRequest, match="page token"):
+        store.list_versions(page_token=encoded)
