@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,22 @@ def tiny_gpt2(tiny_gpt2_dir: Path):
     from plugboard_server.models.loading import load_model
 
     return load_model(str(tiny_gpt2_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3-compatible server on 127.0.0.1, for the object-store registry (one per session)."""
+    from tests.support.s3 import CREDENTIALS, s3_server
+
+    for key, value in CREDENTIALS.items():
+        os.environ.setdefault(key, value)
+    with s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    """A fresh, empty bucket on the local S3 server."""
+    from tests.support.s3 import new_bucket
+
+    return new_bucket(s3_endpoint)

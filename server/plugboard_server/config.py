@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from plugboard_server.engine.config import EngineConfig
+from plugboard_server.registry.s3_defaults import CACHE_BYTES, REFRESH_S
 
 _ENGINE_DEFAULTS = EngineConfig()
 
@@ -28,7 +29,28 @@ class ServerConfig:
         "or a Hugging Face id already in the local cache",
         "default",
     )
-    registry: Path = _opt("registry directory (versions, aliases; shared by replicas)", Path("var/registry"))
+    registry: str = _opt(
+        "the registry: a directory (shared by replicas on one filesystem) or s3://bucket/prefix (an "
+        "S3-compatible object store, for replicas that share no filesystem; credentials from the usual "
+        "AWS_* variables, profile or role)",
+        "var/registry",
+    )
+    registry_endpoint_url: str = _opt(
+        "an s3:// registry's endpoint, for S3-compatible stores (MinIO, Ceph, R2, ...); "
+        "empty: AWS S3, or $AWS_ENDPOINT_URL",
+        "",
+    )
+    registry_cache_dir: Path | None = _opt(
+        "where versions downloaded from an s3:// registry are kept (default: <cache dir>/registry)", None
+    )
+    registry_cache_bytes: int = _opt(
+        "budget of that download cache; the least recently used versions leave beyond it", CACHE_BYTES
+    )
+    registry_refresh_s: float = _opt(
+        "an s3:// registry: how many seconds what 'latest' and aliases mean may lag a publish made by "
+        "another replica (a new version itself is seen at once)",
+        REFRESH_S,
+    )
     adapters_dir: Path | None = _opt(
         "import the PEFT modules in this directory into the registry at start, one subdirectory per module "
         "(named by it); unchanged modules are not imported again",
@@ -151,6 +173,10 @@ class ServerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if not 0 <= self.port <= 65535 or not -1 <= self.metrics_port <= 65535:
             raise ValueError("ports must lie in 0..65535")
+        if self.registry_cache_bytes <= 0 or self.registry_refresh_s < 0:
+            raise ValueError("--registry-cache-bytes must be positive, --registry-refresh-s not negative")
+        if "://" in str(self.registry) and not str(self.registry).startswith("s3://"):
+            raise ValueError(f"--registry {self.registry}: give a directory or s3://bucket/prefix")
         self._validate_security()
 
     def _validate_security(self) -> None:

@@ -51,5 +51,9 @@ class StorageFull(StorageError):
     """The registry's disk, or the quota on it, is full: nothing was stored."""
 
 
+class RegistryUnavailable(PlugboardError):
+    """The registry's object store cannot be reached, or is throttling: a retry may succeed."""
+
+
 class ModelLoadError(PlugboardError):
     """The base model could not be found or loaded."""

@@ -25,11 +25,12 @@ from plugboard.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, genera
 from plugboard_server.config import ServerConfig
 from plugboard_server.engine.engine import Engine
 from plugboard_server.engine.types import GenerateInput, SamplingParams
-from plugboard_server.errors import NotReady
+from plugboard_server.errors import NotReady, PlugboardError
 from plugboard_server.metrics import Metrics, serve_metrics
+from plugboard_server.models.gguf import default_cache_dir
 from plugboard_server.models.loading import LoadedModel, load_model
 from plugboard_server.registry.importer import import_directory
-from plugboard_server.registry.local import LocalStore
+from plugboard_server.registry.open import open_store
 from plugboard_server.service.adapters import AdaptersServicer
 from plugboard_server.service.auth import AuthInterceptor, read_token, server_credentials
 from plugboard_server.service.generation import GenerationServicer
@@ -74,7 +75,6 @@ class PlugboardServer:
         cfg = self.config
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        cfg.registry.mkdir(parents=True, exist_ok=True)
         interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
         token_files = {"admin": cfg.admin_token_file, "inference": cfg.inference_token_file}
         tokens = {f"{kind}_token": read_token(path) for kind, path in token_files.items() if path is not None}
@@ -90,7 +90,14 @@ class PlugboardServer:
                 ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
             ],
         )
-        self.store = LocalStore(cfg.registry)
+        self.store = await asyncio.to_thread(
+            open_store,
+            cfg.registry,
+            cache_root=cfg.registry_cache_dir or (cfg.cache_dir or default_cache_dir()) / "registry",
+            endpoint_url=cfg.registry_endpoint_url,
+            refresh_s=cfg.registry_refresh_s,
+            cache_bytes=cfg.registry_cache_bytes,
+        )
         generation_pb2_grpc.add_GenerationServicer_to_server(
             GenerationServicer(self._engine, self.store, self.metrics), self._grpc
         )
@@ -144,7 +151,7 @@ class PlugboardServer:
 
     async def _load_and_warm(self) -> None:
         loaded = await asyncio.to_thread(self._loader)
-        engine = Engine(loaded, self.config.engine_config(), self.metrics)
+        engine = Engine(loaded, self.config.engine_config(), self.metrics, fetch=self.store.fetch)
         await engine.start()
         if self.config.adapters_dir is not None:
             published = await asyncio.to_thread(
@@ -229,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         sys.exit(asyncio.run(serve(config)))
-    except OSError as exc:
+    except (OSError, PlugboardError) as exc:  # a busy port, an unreachable or misconfigured registry
         log.error("%s", exc)
         sys.exit(1)
 

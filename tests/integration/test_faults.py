@@ -56,7 +56,7 @@ def _text(c: Client, adapter: str) -> tuple[str, str]:
 
 
 def _root(srv: ServerThread) -> Path:
-    return srv.server.config.registry
+    return Path(srv.server.config.registry)
 
 
 def _assert_no_debris(srv: ServerThread, name: str) -> None:

@@ -185,7 +185,7 @@ def test_bad_uploads_are_refused_and_nothing_is_stored(registry_server, modules,
             c.register_adapter(other, name="ia3")
         assert c.list_adapters().adapters == []
         assert c.generate(PROMPT, max_new_tokens=2).generated_tokens == 2
-    staging = registry_server.server.config.registry / "staging"
+    staging = Path(registry_server.server.config.registry) / "staging"
     assert not staging.exists() or not any(staging.iterdir())
 
 

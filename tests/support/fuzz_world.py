@@ -223,5 +223,5 @@ def check_survived(w: World) -> None:
         ), f"greedy output changed for {adapter or 'the base model'}"
     engine = w.server.server.engine
     assert engine.running == 0 and engine.waiting == 0, "requests left in the batch or queue"
-    staging = w.server.server.config.registry / "staging"
+    staging = Path(w.server.server.config.registry) / "staging"
     assert not any(staging.iterdir()), "an upload left its staging directory behind"

@@ -14,8 +14,13 @@ def test_defaults_match_the_readme():
         "127.0.0.1",
         50051,
         9400,
-        Path("var/registry"),
+        "var/registry",
     )
+
+
+def test_an_object_store_registry_keeps_its_url():
+    c = ServerConfig.from_args(["--registry", "s3://models/registry", "--registry-refresh-s", "0.5"])
+    assert (c.registry, c.registry_refresh_s) == ("s3://models/registry", 0.5)
 
 
 def test_flags_and_environment(monkeypatch):
@@ -27,7 +32,16 @@ def test_flags_and_environment(monkeypatch):
     assert c.engine_config().max_batch_size == 7
 
 
-@pytest.mark.parametrize("argv", [["--max-batch-size", "0"], ["--port", "70000"], ["--dtype", "int4"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-batch-size", "0"],
+        ["--port", "70000"],
+        ["--dtype", "int4"],
+        ["--registry", "ftp://host/registry"],
+        ["--registry-cache-bytes", "0"],
+    ],
+)
 def test_bad_values_exit_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         ServerConfig.from_args(argv)

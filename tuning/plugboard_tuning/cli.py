@@ -117,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--report", type=Path, help="the JSON report (default OUTPUT.report.json)")
     o.add_argument("--name", help="the module's registry name")
     o.add_argument("--description", default="")
-    o.add_argument("--publish", metavar="DIR|HOST:PORT", help="a registry directory or a running server")
+    o.add_argument(
+        "--publish",
+        metavar="DIR|S3|HOST:PORT",
+        help="a registry directory, an object-store registry (s3://bucket/prefix), or a running server",
+    )
     o.add_argument(
         "--token-file",
         type=Path,

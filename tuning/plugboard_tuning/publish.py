@@ -9,6 +9,7 @@ version behind, only the versions that were there before.
 from __future__ import annotations
 
 import operator
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,9 +19,9 @@ from typing import Any, Protocol
 __all__ = [
     "BaseModelMismatch",
     "Condition",
-    "DirectoryTarget",
     "PublishError",
     "Published",
+    "RegistryTarget",
     "ServerTarget",
     "Target",
     "open_target",
@@ -109,7 +110,8 @@ _ADDRESS = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}$")
 def open_target(
     where: str, *, token: str | None = None, tls: Mapping[str, Any] | None = None, model: Any = None
 ) -> Target:
-    """A server for "host:port", else a registry directory (created if missing).
+    """A server for "host:port", an object-store registry for "s3://bucket/prefix", else a registry
+    directory (created if missing).
 
     `tls` holds Client's TLS options for a server (tls_ca=, tls_cert=, tls_key=, ...). `model` (the
     loaded base model) is needed for a directory, to validate the module against it.
@@ -118,28 +120,39 @@ def open_target(
         return ServerTarget(where, token=token, tls=tls)
     if token is not None:
         raise PublishError(
-            f"an admin token only applies to a server (host:port), not to the directory {where}"
+            f"an admin token only applies to a server (host:port), not to the registry {where}"
         )
     if tls:
-        raise PublishError(f"TLS options only apply to a server (host:port), not to the directory {where}")
+        raise PublishError(f"TLS options only apply to a server (host:port), not to the registry {where}")
     if model is None:
-        raise PublishError("publishing to a directory needs the base model to validate the module against")
-    return DirectoryTarget(Path(where), model)
+        raise PublishError("publishing to a registry needs the base model to validate the module against")
+    return RegistryTarget(where, model)
 
 
-class DirectoryTarget:
-    """A registry directory, as the server's --registry uses (plugboard_server.registry.LocalStore)."""
+class RegistryTarget:
+    """A registry as the server's --registry names it: a directory, or s3://bucket/prefix.
 
-    def __init__(self, root: Path, model: Any) -> None:
+    For s3://, boto3 finds the credentials (AWS_* variables, profile, role) and the endpoint of an
+    S3-compatible store comes from $PLUGBOARD_REGISTRY_ENDPOINT_URL (or $AWS_ENDPOINT_URL).
+    """
+
+    def __init__(self, where: str | Path, model: Any) -> None:
         from plugboard_server.adapters.shape import model_shape
-        from plugboard_server.registry.local import LocalStore
+        from plugboard_server.errors import PlugboardError
+        from plugboard_server.models.gguf import default_cache_dir
+        from plugboard_server.registry.open import is_object_store, open_store
 
-        self.description = f"registry directory {root}"
-        if root.exists() and not root.is_dir():
+        root = str(where)
+        self.description = f"registry {root}" if is_object_store(root) else f"registry directory {root}"
+        if not is_object_store(root) and Path(root).exists() and not Path(root).is_dir():
             raise PublishError(f"{root} is not a directory")
         try:
-            self._store = LocalStore(root)
-        except OSError as e:
+            self._store = open_store(
+                root,
+                cache_root=default_cache_dir() / "registry",
+                endpoint_url=os.environ.get("PLUGBOARD_REGISTRY_ENDPOINT_URL", ""),
+            )
+        except (OSError, ValueError, PlugboardError) as e:
             raise PublishError(f"cannot open the registry at {root}: {e}") from None
         self._shape = model_shape(model)
 

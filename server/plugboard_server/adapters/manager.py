@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from plugboard_server.adapters.types import AdapterLimits, AdapterSpec, AdapterW
 from plugboard_server.adapters.weights import read_adapter
 from plugboard_server.errors import AdapterNotFound, CorruptModule, IncompatibleAdapter, Overloaded
 from plugboard_server.metrics import Metrics
-from plugboard_server.registry.local import deleted, verify_files
+from plugboard_server.registry.local import deleted, fetch_local
 from plugboard_server.registry.store import AdapterRef
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,12 @@ class AdapterManager:
         dtype: torch.dtype,
         device: torch.device,
         metrics: Metrics | None = None,
+        fetch: Callable[[AdapterRef], Path] | None = None,
     ) -> None:
+        """`fetch` is the registry's: a version's files in a local directory, checked (downloaded first
+        from an object store); the default reads a directory registry in place."""
         self.shape = shape
+        self._fetch = fetch or fetch_local
         self.limits = limits
         self.max_slots = max_slots
         self.max_host = max_host
@@ -144,9 +149,8 @@ class AdapterManager:
         going) is AdapterNotFound, not a broken module: whichever read first found a file missing.
         """
         try:
-            if ref.sha256:
-                verify_files(ref)  # AdapterNotFound or CorruptModule for a missing file
-            return read_adapter(ref.path, self.shape, self.limits, dtype=self._dtype, device=self._device)
+            path = self._fetch(ref)  # AdapterNotFound, or CorruptModule for a missing or changed file
+            return read_adapter(path, self.shape, self.limits, dtype=self._dtype, device=self._device)
         except (IncompatibleAdapter, OSError):
             if ref.sha256 and deleted(ref):
                 raise AdapterNotFound(f"module {ref.key} was deleted") from None

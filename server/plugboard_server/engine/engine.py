@@ -15,6 +15,7 @@ import secrets
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -64,8 +65,14 @@ class _StepOutput:
 
 class Engine:
     def __init__(
-        self, loaded: LoadedModel, config: EngineConfig | None = None, metrics: Metrics | None = None
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig | None = None,
+        metrics: Metrics | None = None,
+        fetch: Callable[[AdapterRef], Path] | None = None,
     ):
+        """`fetch` gets a module version's files from the registry (default: read a directory registry
+        in place); see AdapterStore.fetch."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.config = config or EngineConfig()
@@ -81,6 +88,7 @@ class Engine:
             dtype=loaded.dtype,
             device=loaded.device,
             metrics=self.metrics,
+            fetch=fetch,
         )
         self._runner = ModelRunner(loaded, self.adapters.lora.batch)
         self._scheduler = Scheduler(self.config)

@@ -6,8 +6,6 @@ version's files are in place, so readers never see a half-written version.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import os
 import random
@@ -20,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from plugboard_server.errors import InvalidRequest
-from plugboard_server.registry.store import LATEST, NAME_PATTERN, ModuleFacts, ModuleVersion
+from plugboard_server.registry._paging import decode_token, encode_token, page_size_of
+from plugboard_server.registry.store import LATEST, ModuleFacts, ModuleVersion
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -69,8 +67,6 @@ NEWER = "EXISTS (SELECT 1 FROM versions w WHERE w.name = v.name AND w.version > 
 COLUMNS = f"""v.name, v.version, v.kind, v.peft_type, v.base_model, v.rank, v.num_virtual_tokens,
     v.target_modules, v.size_bytes, v.files, v.created_at, v.description, v.tags, v.metadata, NOT {NEWER},
     (SELECT group_concat(a.alias, ',') FROM aliases a WHERE a.name = v.name AND a.version = v.version)"""
-MAX_PAGE_SIZE = 1000
-DEFAULT_PAGE_SIZE = 100
 
 
 class _Connection(sqlite3.Connection):
@@ -235,28 +231,6 @@ def to_version(root: Path, row: tuple[Any, ...]) -> ModuleVersion:
     )
 
 
-def encode_token(name: str, version: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps([name, version]).encode()).decode()
-
-
-def decode_token(token: str) -> tuple[str, int]:
-    try:
-        name, version = json.loads(base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True))
-        # Only what a previous page can have produced: a valid name, a version SQLite can hold.
-        if (
-            isinstance(name, str)
-            and NAME_PATTERN.fullmatch(name)
-            and type(version) is int
-            and 0 <= version < 2**63
-        ):
-            return name, version
-    except (UnicodeError, binascii.Error, ValueError, TypeError):
-        pass
-    raise InvalidRequest(
-        "malformed page token; pass back the next_page_token of the previous page", "page_token"
-    )
-
-
 def list_page(
     db: sqlite3.Connection,
     root: Path,
@@ -269,7 +243,7 @@ def list_page(
     all_versions: bool,
 ) -> tuple[list[ModuleVersion], str]:
     """One page in (name, version) order. Keyset paging: the token is the last (name, version) shown."""
-    size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
+    size = page_size_of(page_size)
     after = decode_token(page_token) if page_token else ("", 0)
     if name_prefix and after < (name_prefix, 0):
         after = (name_prefix, 0)  # start the index range at the prefix rather than filter up to it

@@ -27,7 +27,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from plugboard_server.errors import AdapterNotFound, CorruptModule, InvalidRequest
+from plugboard_server.errors import AdapterNotFound, CorruptModule
 from plugboard_server.registry import _sqlite
 from plugboard_server.registry._files import (
     alive,
@@ -47,6 +47,7 @@ from plugboard_server.registry.store import (
     ModuleVersion,
     check_alias,
     check_name,
+    check_publish,
     not_found,
     parse_ref,
 )
@@ -110,6 +111,9 @@ class LocalStore:
             raise not_found(name)
         return found
 
+    def fetch(self, ref: AdapterRef) -> Path:
+        return fetch_local(ref)
+
     def list(self) -> list[AdapterRef]:
         db = self._index.connection()
         rows = db.execute("SELECT name, version, files FROM versions ORDER BY name, version").fetchall()
@@ -170,17 +174,7 @@ class LocalStore:
         metadata: Mapping[str, Any] | None = None,
         alias: str | None = None,
     ) -> ModuleVersion:
-        check_name(name)
-        tags = tuple(dict.fromkeys(check_name(t, "tag") for t in tags))
-        if alias is not None:
-            check_alias(alias)
-        try:
-            metadata = dict(metadata or {})
-            if not all(isinstance(k, str) for k in metadata):
-                raise TypeError("its keys must be strings")
-            json.dumps(metadata, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise InvalidRequest(f"metadata is not a JSON object: {e}", "metadata") from None
+        tags, metadata = check_publish(name, tags, alias, metadata)
         source = Path(source)
         check_source(source)
         # A full disk or a failed write anywhere below ends as StorageFull / StorageError, after the
@@ -358,6 +352,13 @@ class LocalStore:
                     aside.append(self._set_aside(path))
         for path in aside:
             remove(path)
+
+
+def fetch_local(ref: AdapterRef) -> Path:
+    """The version's own directory, its files checked: they are already on this filesystem."""
+    if ref.sha256:
+        verify_files(ref)
+    return ref.path
 
 
 def verify_files(ref: AdapterRef) -> None:

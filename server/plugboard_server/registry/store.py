@@ -6,6 +6,7 @@ Versions are immutable; `latest` is an implicit alias of the highest version.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -112,6 +113,24 @@ def check_alias(alias: str) -> str:
     return alias
 
 
+def check_publish(
+    name: str, tags: tuple[str, ...], alias: str | None, metadata: Mapping[str, Any] | None
+) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """Check what a publish names and carries -> (tags without repeats, metadata as a dict)."""
+    check_name(name)
+    tags = tuple(dict.fromkeys(check_name(t, "tag") for t in tags))
+    if alias is not None:
+        check_alias(alias)
+    try:
+        out = dict(metadata or {})
+        if not all(isinstance(k, str) for k in out):
+            raise TypeError("its keys must be strings")
+        json.dumps(out, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidRequest(f"metadata is not a JSON object: {e}", "metadata") from None
+    return tags, out
+
+
 def parse_ref(ref: str) -> tuple[str, str]:
     """'name', 'name@7' or 'name@alias' -> (name, selector); the selector of a bare name is 'latest'."""
     name, at, selector = ref.partition("@")
@@ -132,6 +151,15 @@ class AdapterStore(Protocol):
 
     def list(self) -> list[AdapterRef]:
         """Every servable version (for the server's checks at start)."""
+        ...
+
+    def fetch(self, ref: AdapterRef) -> Path:
+        """A local directory holding the version's files, checked against its checksums (blocking).
+
+        An object store downloads the version first (then keeps it in a local cache). Raises
+        AdapterNotFound for a version deleted since it was resolved, CorruptModule for files that
+        differ from the checksums the registry recorded.
+        """
         ...
 
 

@@ -21,6 +21,7 @@ from plugboard_server.errors import (
     NotReady,
     Overloaded,
     PlugboardError,
+    RegistryUnavailable,
     StorageError,
     StorageFull,
 )
@@ -39,6 +40,7 @@ _STATUS: tuple[tuple[type[PlugboardError], grpc.StatusCode], ...] = (
     (StorageFull, grpc.StatusCode.RESOURCE_EXHAUSTED),  # no retry pushback: retrying needs space freed
     (StorageError, grpc.StatusCode.INTERNAL),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
+    (RegistryUnavailable, grpc.StatusCode.UNAVAILABLE),
     (ModelLoadError, grpc.StatusCode.UNAVAILABLE),
     (EngineFailure, grpc.StatusCode.INTERNAL),
 )

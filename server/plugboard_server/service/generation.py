@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -26,14 +27,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self._store = store
         self.metrics = metrics
 
-    def _resolve(self, engine: Engine, adapter: str) -> AdapterRef | None:
+    async def _resolve(self, engine: Engine, adapter: str) -> AdapterRef | None:
         """ "" -> the base model; "name", "name@7", "name@alias" -> the version it names.
 
         A version published for another base model (replicas may share a registry) is refused.
         """
         if not adapter:
             return None
-        version = self._store.get(adapter)
+        # Off the event loop: an object-store registry may go to the network to look it up.
+        version = await asyncio.to_thread(self._store.get, adapter)
         fingerprint = engine.loaded.fingerprint
         if version.facts.base_model and version.facts.base_model != fingerprint:
             raise IncompatibleAdapter(
@@ -48,7 +50,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     ) -> pb.GenerateResponse:
         engine = self._engine()
         result = await engine.generate(
-            convert.generate_input(request, self._resolve(engine, request.adapter))
+            convert.generate_input(request, await self._resolve(engine, request.adapter))
         )
         return convert.generate_response(result)
 
@@ -57,7 +59,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         engine = self._engine()
-        stream = await engine.submit(convert.generate_input(request, self._resolve(engine, request.adapter)))
+        stream = await engine.submit(
+            convert.generate_input(request, await self._resolve(engine, request.adapter))
+        )
         try:
             async for event in stream:
                 if isinstance(event, Finished):
@@ -73,7 +77,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         engine = self._engine()
         return convert.score_response(
-            await engine.score(convert.score_input(request, self._resolve(engine, request.adapter)))
+            await engine.score(convert.score_input(request, await self._resolve(engine, request.adapter)))
         )
 
     @rpc("Tokenize")

@@ -136,7 +136,6 @@ def _loads(manager: AdapterManager, outcome: str) -> float:
 def test_a_version_deleted_before_its_files_are_read_is_not_found(
     manager, module_dirs, tmp_path, monkeypatch
 ):
-    from plugboard_server.adapters import manager as manager_module
     from plugboard_server.errors import AdapterNotFound, CorruptModule
     from plugboard_server.registry.local import LocalStore
     from plugboard_server.registry.store import ModuleFacts
@@ -153,13 +152,13 @@ def test_a_version_deleted_before_its_files_are_read_is_not_found(
     assert _loads(manager, "deleted") == 1
     # deleted between the checksums and the read of the tensors: the same
     ref = store.resolve("m@2")
-    real_verify = manager_module.verify_files
 
-    def verify_then_delete(r: AdapterRef) -> None:
-        real_verify(r)
+    def fetch_then_delete(r: AdapterRef) -> Path:
+        path = store.fetch(r)  # checksums checked
         store.delete("m", 2)
+        return path
 
-    monkeypatch.setattr(manager_module, "verify_files", verify_then_delete)
+    monkeypatch.setattr(manager, "_fetch", fetch_then_delete)
     with pytest.raises(AdapterNotFound, match=r"module m@2 was deleted"):
         manager.load(ref)
     monkeypatch.undo()

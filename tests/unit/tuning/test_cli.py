@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from plugboard_tuning import cli
-from plugboard_tuning.publish import Condition, DirectoryTarget, ServerTarget, open_target
+from plugboard_tuning.publish import Condition, RegistryTarget, ServerTarget, open_target
 
 
 @pytest.fixture
@@ -166,10 +166,34 @@ def test_targets_host_port_is_a_server_and_a_path_a_directory(tmp_path: Path, ti
     server.close()
     assert isinstance(open_target("[::1]:50051"), ServerTarget)
     directory = open_target(str(tmp_path / "reg"), model=tiny_model.model)
-    assert isinstance(directory, DirectoryTarget) and (tmp_path / "reg" / "modules").is_dir()
+    assert isinstance(directory, RegistryTarget) and (tmp_path / "reg" / "modules").is_dir()
     directory.close()
     with pytest.raises(Exception, match="admin token only applies to a server"):
         open_target(str(tmp_path / "reg"), token="t", model=tiny_model.model)
+
+
+def test_an_s3_url_publishes_to_the_object_store_registry(
+    tmp_path: Path, tiny_model, tiny_model_dir: Path, s3_endpoint: str, s3_bucket: str, monkeypatch
+) -> None:
+    from plugboard_server.registry.open import open_store
+    from tests.support import peft_modules as pm
+
+    monkeypatch.setenv("PLUGBOARD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PLUGBOARD_REGISTRY_ENDPOINT_URL", s3_endpoint)
+    target = open_target(f"s3://{s3_bucket}/reg", model=tiny_model.model)
+    assert isinstance(target, RegistryTarget) and target.description == f"registry s3://{s3_bucket}/reg"
+    module = pm.prefix(tiny_model_dir, tmp_path / "prefix", tokens=4)
+    fingerprint = tiny_model.fingerprint
+    metadata = {"base_model": {"fingerprint": fingerprint}}
+    published = target.publish(module, "tuned", description="d", metadata=metadata, alias="prod")
+    assert (published.name, published.version) == ("tuned", 1)
+    target.check_base("tuned", fingerprint)
+    with pytest.raises(Exception, match="trained on base model"):
+        target.check_base("tuned", "another-base")
+    server_view = open_store(
+        f"s3://{s3_bucket}/reg", cache_root=tmp_path / "server", endpoint_url=s3_endpoint
+    )
+    assert server_view.get("tuned@prod").facts.kind == "PREFIX"
 
 
 def test_tls_options_reach_a_server_target(tmp_path: Path, tiny_model) -> None:
