@@ -12,6 +12,8 @@ module registry methods: list_adapters, register_adapter, ...); failed calls rai
 subclasses exported here. The registry's admin methods need `Client(..., token=ADMIN_TOKEN)`; a server
 started with --inference-token-file wants `token=` on every call. TLS: `Client(..., tls_ca="ca.pem")`,
 plus `tls_cert=` and `tls_key=` for mutual TLS (`channel_credentials` builds the same credentials).
+Calls that apply a module carry `ROUTING_HEADER` (`x-plugboard-adapter: <name>`) for routing by module
+behind a proxy; `routing_metadata(adapter)` gives it to other gRPC clients (see `plugboard_client.routing`).
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ from plugboard_client.errors import (
     Unimplemented,
     from_rpc_error,
 )
+from plugboard_client.routing import ROUTING_HEADER, routing_metadata
 from plugboard_client.tls import channel_credentials
 
 __all__ = [
     "DEFAULT_TARGET",
+    "ROUTING_HEADER",
     "AlreadyExists",
     "AsyncClient",
     "Cancelled",
@@ -55,4 +59,5 @@ __all__ = [
     "Unimplemented",
     "channel_credentials",
     "from_rpc_error",
+    "routing_metadata",
 ]

@@ -20,14 +20,15 @@ from plugboard_client import adapters, requests
 from plugboard_client.client import DEFAULT_TARGET, ChannelOptions, Metadata, call_metadata
 from plugboard_client.errors import DeadlineExceeded, PlugboardError, from_rpc_error
 from plugboard_client.requests import Messages
+from plugboard_client.routing import with_routing
 from plugboard_client.tls import PathLike, channel_security
 
 
 class AsyncClient:
     """An asyncio client for one plugboard server; create it inside the event loop that uses it.
 
-    Arguments and errors as for `Client`. Use `async with AsyncClient(...) as client:` or
-    `await client.close()`.
+    Arguments, errors and the routing header (`x-plugboard-adapter` on calls that apply a module) as for
+    `Client`. Use `async with AsyncClient(...) as client:` or `await client.close()`.
     """
 
     def __init__(
@@ -83,9 +84,13 @@ class AsyncClient:
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    async def _unary(self, method: Any, request: Any, timeout: float | None, **kwargs: Any) -> Any:
+    async def _unary(
+        self, method: Any, request: Any, timeout: float | None, *, adapter: str = "", **kwargs: Any
+    ) -> Any:
+        """One unary call; `adapter`: the module it applies, named in the routing header."""
+        metadata = with_routing(self.metadata, adapter)
         try:
-            return await method(request, timeout=self._timeout(timeout), metadata=self.metadata, **kwargs)
+            return await method(request, timeout=self._timeout(timeout), metadata=metadata, **kwargs)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
@@ -123,7 +128,7 @@ class AsyncClient:
             ignore_eos=ignore_eos,
             request_id=request_id,
         )
-        return await self._unary(self._generation.Generate, request, timeout)
+        return await self._unary(self._generation.Generate, request, timeout, adapter=request.adapter)
 
     def generate_stream(
         self,
@@ -169,7 +174,8 @@ class AsyncClient:
     async def _stream(
         self, request: pb.GenerateRequest, timeout: float | None
     ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
-        call = self._generation.GenerateStream(request, timeout=timeout, metadata=self.metadata)
+        metadata = with_routing(self.metadata, request.adapter)
+        call = self._generation.GenerateStream(request, timeout=timeout, metadata=metadata)
         try:
             async for response in call:
                 yield response
@@ -192,7 +198,7 @@ class AsyncClient:
         request = requests.score_request(
             prompt, choices=choices, adapter=adapter, messages=messages, request_id=request_id
         )
-        return await self._unary(self._generation.Score, request, timeout)
+        return await self._unary(self._generation.Score, request, timeout, adapter=request.adapter)
 
     async def tokenize(
         self, text: str | None = None, *, messages: Messages | None = None, timeout: float | None = None
@@ -358,9 +364,11 @@ class AsyncClient:
 
     async def load_adapter(self, ref: str, *, timeout: float | None = None) -> apb.AdapterInfo:
         """Load into a device slot and pin it there."""
-        return await self._unary(self._adapters.LoadAdapter, apb.LoadAdapterRequest(adapter=ref), timeout)
+        # Routed like the module's generation calls: the pin lands on the replica they will reach.
+        request = apb.LoadAdapterRequest(adapter=ref)
+        return await self._unary(self._adapters.LoadAdapter, request, timeout, adapter=ref)
 
     async def unload_adapter(self, ref: str, *, timeout: float | None = None) -> apb.AdapterInfo:
         """Unpin and evict from the device."""
         request = apb.UnloadAdapterRequest(adapter=ref)
-        return await self._unary(self._adapters.UnloadAdapter, request, timeout)
+        return await self._unary(self._adapters.UnloadAdapter, request, timeout, adapter=ref)

@@ -17,6 +17,7 @@ from plugboard.v1 import generation_pb2 as pb
 from plugboard_client import adapters, requests
 from plugboard_client.errors import DeadlineExceeded, PlugboardError, from_rpc_error
 from plugboard_client.requests import Messages
+from plugboard_client.routing import with_routing
 from plugboard_client.tls import PathLike, channel_security
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -49,6 +50,12 @@ class Client:
     system's roots), plus `tls_cert` and `tls_key` for mutual TLS; `tls_server_name` checks the
     certificate for that name instead of the target's host. Or hand in ready `credentials`.
     Failed calls raise `plugboard_client.PlugboardError` subclasses, never bare `grpc.RpcError`.
+
+    Routing by module: a call that applies a module (generate, generate_stream, score with `adapter=`;
+    load_adapter, unload_adapter) also sends `x-plugboard-adapter: <module name>` (`ROUTING_HEADER`,
+    the name without "@version" or "@alias"), so a proxy in front of several replicas (see
+    deploy/envoy) can send each module's calls to the replicas that hold it warm. Any other gRPC
+    client, made from the .proto files, should set the same header to benefit from that routing.
     """
 
     def __init__(
@@ -104,9 +111,13 @@ class Client:
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    def _unary(self, method: Any, request: Any, timeout: float | None, **kwargs: Any) -> Any:
+    def _unary(
+        self, method: Any, request: Any, timeout: float | None, *, adapter: str = "", **kwargs: Any
+    ) -> Any:
+        """One unary call; `adapter`: the module it applies, named in the routing header."""
+        metadata = with_routing(self.metadata, adapter)
         try:
-            return method(request, timeout=self._timeout(timeout), metadata=self.metadata, **kwargs)
+            return method(request, timeout=self._timeout(timeout), metadata=metadata, **kwargs)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
@@ -147,7 +158,7 @@ class Client:
             ignore_eos=ignore_eos,
             request_id=request_id,
         )
-        return self._unary(self._generation.Generate, request, timeout)
+        return self._unary(self._generation.Generate, request, timeout, adapter=request.adapter)
 
     def generate_stream(
         self,
@@ -194,7 +205,8 @@ class Client:
     def _stream(
         self, request: pb.GenerateRequest, timeout: float | None
     ) -> Generator[pb.GenerateStreamResponse, None, None]:
-        call = self._generation.GenerateStream(request, timeout=timeout, metadata=self.metadata)
+        metadata = with_routing(self.metadata, request.adapter)
+        call = self._generation.GenerateStream(request, timeout=timeout, metadata=metadata)
         try:
             yield from call
         except grpc.RpcError as err:
@@ -216,7 +228,7 @@ class Client:
         request = requests.score_request(
             prompt, choices=choices, adapter=adapter, messages=messages, request_id=request_id
         )
-        return self._unary(self._generation.Score, request, timeout)
+        return self._unary(self._generation.Score, request, timeout, adapter=request.adapter)
 
     def tokenize(
         self, text: str | None = None, *, messages: Messages | None = None, timeout: float | None = None
@@ -375,8 +387,11 @@ class Client:
 
     def load_adapter(self, ref: str, *, timeout: float | None = None) -> apb.AdapterInfo:
         """Load into a device slot and pin it there."""
-        return self._unary(self._adapters.LoadAdapter, apb.LoadAdapterRequest(adapter=ref), timeout)
+        # Routed like the module's generation calls: the pin lands on the replica they will reach.
+        request = apb.LoadAdapterRequest(adapter=ref)
+        return self._unary(self._adapters.LoadAdapter, request, timeout, adapter=ref)
 
     def unload_adapter(self, ref: str, *, timeout: float | None = None) -> apb.AdapterInfo:
         """Unpin and evict from the device."""
-        return self._unary(self._adapters.UnloadAdapter, apb.UnloadAdapterRequest(adapter=ref), timeout)
+        request = apb.UnloadAdapterRequest(adapter=ref)
+        return self._unary(self._adapters.UnloadAdapter, request, timeout, adapter=ref)
