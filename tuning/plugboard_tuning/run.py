@@ -108,7 +108,14 @@ def run(opts: RunOptions) -> RunResult | None:
             assert opts.name is not None
             target = open_target(opts.publish, token=opts.token, tls=opts.tls, model=loaded.model)
             target.check_base(opts.name, loaded.fingerprint)  # before any training, in every process
-        return _run(opts, loaded, target, state.is_main_process, state.num_processes)
+        result = _run(opts, loaded, target, state.is_main_process, state.num_processes)
+        if state.num_processes > 1:
+            # Every process leaves together, and the process group goes before the interpreter does:
+            # a process exiting with its gloo group alive (the others still evaluating) can abort in
+            # the group's destructor ("terminate called without an active exception").
+            state.wait_for_everyone()
+            state.destroy_process_group()
+        return result
     finally:
         if target is not None:
             target.close()
