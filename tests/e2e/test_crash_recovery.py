@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from plugboard_client.adapters import upload_requests
 from plugboard_server.errors import AdapterNotFound
 from plugboard_server.registry.local import LocalStore, verify_files
 from tests.support import peft_modules as pm
+from tests.support.tools import free_port
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -245,17 +245,11 @@ def test_a_publisher_killed_in_every_phase_leaves_a_consistent_registry(tmp_path
 PROMPT = "The quick brown fox"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerProcess:
     """plugboard-server on `registry`, ready to serve; its output goes to `log`."""
 
     def __init__(self, model: Path, registry: Path, log: Path) -> None:
-        self.target = f"127.0.0.1:{_free_port()}"
+        self.target = f"127.0.0.1:{free_port()}"
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
                 [

@@ -7,7 +7,6 @@ through one is served by the other, alias moves and deletes reach both, and both
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,17 +20,12 @@ from plugboard_client import Client
 from plugboard_client.errors import NotFound
 from tests.support import peft_modules as pm
 from tests.support.s3 import CREDENTIALS
+from tests.support.tools import free_port
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 TOKEN = "replica-admin-token"
 PROMPT = "The weather today is"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -43,7 +37,7 @@ def replicas(tiny_model_dir: Path, tmp_path: Path, s3_endpoint: str, s3_bucket: 
     targets: list[str] = []
     try:
         for i in range(2):
-            port = _free_port()
+            port = free_port()
             env = {**os.environ, **CREDENTIALS, "HF_HUB_OFFLINE": "1", "PLUGBOARD_METRICS_PORT": "0"}
             args = [
                 str(BIN / "plugboard-server"),

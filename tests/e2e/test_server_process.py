@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,20 +12,15 @@ import pytest
 
 from plugboard.v1 import generation_pb2 as pb
 from plugboard_client import Client
+from tests.support.tools import free_port
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server_process(tiny_model_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PLUGBOARD_METRICS_PORT": "0"}
     proc = subprocess.Popen(
         [
@@ -98,7 +92,7 @@ def test_a_model_that_cannot_load_exits_non_zero_with_a_clear_message(tmp_path):
             "--model",
             str(tmp_path / "no-such-model"),
             "--port",
-            str(_free_port()),
+            str(free_port()),
             "--metrics-port",
             "-1",
             "--registry",
