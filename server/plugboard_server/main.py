@@ -97,6 +97,7 @@ class PlugboardServer:
             endpoint_url=cfg.registry_endpoint_url,
             refresh_s=cfg.registry_refresh_s,
             cache_bytes=cfg.registry_cache_bytes,
+            metrics=self.metrics,
         )
         generation_pb2_grpc.add_GenerationServicer_to_server(
             GenerationServicer(self._engine, self.store, self.metrics), self._grpc

@@ -181,6 +181,29 @@ class Metrics:
         self.registry_versions = Gauge(
             "plugboard_registry_versions", "Module versions in the registry", registry=r
         )
+        # ----- an object-store registry (--registry s3://...)
+        self.registry_downloads = Counter(
+            "plugboard_registry_downloads",
+            "Module versions downloaded from an object-store registry into the local cache, by outcome: "
+            "ok, corrupt (differs from its checksums), deleted (meanwhile), error",
+            ["outcome"],
+            registry=r,
+        )
+        self.registry_download_bytes = Counter(
+            "plugboard_registry_download_bytes", "Bytes downloaded from an object-store registry", registry=r
+        )
+        self.registry_download_seconds = Histogram(
+            "plugboard_registry_download_seconds",
+            "Time to download a module version from an object-store registry (and check it)",
+            buckets=(*_TOKEN_LATENCY_BUCKETS, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.registry_stale_reads = Counter(
+            "plugboard_registry_stale_reads",
+            "Lookups answered from an old copy of a module's index because the object store could not "
+            "be reached (serving goes on; publishing and unseen modules fail)",
+            registry=r,
+        )
         self.module_label = ModuleLabels(top_adapters)
         self.adapter_requests = Counter(
             "plugboard_adapter_requests",

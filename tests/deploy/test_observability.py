@@ -216,6 +216,7 @@ def test_alerts_fire_when_they_should(tmp_path):
         series("plugboard_adapter_loads_total", "0 0 1x10", tier="disk", outcome="corrupt"),
         series("plugboard_adapter_loads_total", "0+5x12", tier="disk", outcome="ok"),
         series("plugboard_waiting_requests", "0x10 1+2x30"),  # empty for 10 minutes, then growing
+        series("plugboard_registry_stale_reads_total", "0x5 1+1x20"),  # the store is gone from minute 6
         series("plugboard_requests_total", "0+30x30", method="Generate", code="RESOURCE_EXHAUSTED"),
         # every Generate call took between 30 and 60 s: p99 ~ 60 s
         series("plugboard_request_duration_seconds_bucket", "0x30", method="Generate", le="30"),
@@ -230,6 +231,8 @@ def test_alerts_fire_when_they_should(tmp_path):
         expect("1m", "PlugboardCorruptModule"),
         expect("3m", "PlugboardCorruptModule", {**critical, "tier": "disk", "outcome": "corrupt"}),
         expect("10m", "PlugboardModuleLoadErrors"),
+        expect("8m", "PlugboardRegistryUnreachable"),
+        expect("13m", "PlugboardRegistryUnreachable", warning),
         expect("18m", "PlugboardQueueGrowing"),
         expect("28m", "PlugboardQueueGrowing", warning),
         expect("12m", "PlugboardRefusingRequests", by_instance),

@@ -44,6 +44,9 @@ def test_serving_from_an_object_store_and_through_its_outage(tiny_model_dir: Pat
                     c.generate(PROMPT, adapter="missing", max_new_tokens=2)
                 cached = sorted(p.name for p in (tmp_path / "cache").rglob("versions/story/1/*"))
                 assert cached == ["adapter_config.json", "adapter_model.safetensors"]
+                size = sum(p.stat().st_size for p in lora.iterdir() if p.name in cached)
+                assert _sample(srv, "plugboard_registry_downloads_total", outcome="ok") == 1
+                assert _sample(srv, "plugboard_registry_download_bytes_total") == size
                 c.unload_adapter("story@1")  # out of the device slot: the next request reads the cache
         except BaseException:
             srv.stop()
@@ -58,5 +61,10 @@ def test_serving_from_an_object_store_and_through_its_outage(tiny_model_dir: Pat
             with pytest.raises(Unavailable, match="object store"):
                 c.register_adapter(lora, name="story")
             assert c.generate(PROMPT, max_new_tokens=2).text  # the base model does not need the store
+            assert _sample(srv, "plugboard_registry_stale_reads_total") >= 1  # what an operator sees
     finally:
         srv.stop()
+
+
+def _sample(srv: ServerThread, name: str, **labels: str) -> float | None:
+    return srv.server.metrics.registry.get_sample_value(name, labels)

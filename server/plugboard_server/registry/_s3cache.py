@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from plugboard_server.errors import CorruptModule
+from plugboard_server.errors import AdapterNotFound, CorruptModule
+from plugboard_server.metrics import Metrics
 from plugboard_server.registry._files import alive, digest, remove, storage_errors
 from plugboard_server.registry.store import AdapterRef
 
@@ -31,8 +32,9 @@ RECENT_S = 60.0  # a version used this recently is never evicted
 class VersionCache:
     """A size-bounded local cache of module versions, shared safely by threads and processes."""
 
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(self, root: Path, max_bytes: int, metrics: Metrics | None = None) -> None:
         self.root = Path(root)
+        self._metrics = metrics
         self.versions_root = self.root / "versions"
         self.tmp_root = self.root / "tmp"
         self.max_bytes = max_bytes
@@ -63,7 +65,18 @@ class VersionCache:
                     log.warning("cached %s is damaged (%s); downloading it again", ref.key, e)
                     remove(target)
             start = time.perf_counter()
-            size = self._download(ref, target, download)
+            try:
+                size = self._download(ref, target, download)
+            except AdapterNotFound:
+                self._count("deleted")
+                raise
+            except CorruptModule:
+                self._count("corrupt")
+                raise
+            except Exception:
+                self._count("error")
+                raise
+            self._count("ok", size, time.perf_counter() - start)
             log.info(
                 "downloaded %s (%d files, %d bytes) in %.3fs",
                 ref.key,
@@ -79,6 +92,14 @@ class VersionCache:
         remove(self.path(name, version))
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _count(self, outcome: str, size: int = 0, seconds: float | None = None) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.registry_downloads.labels(outcome).inc()
+        if seconds is not None:
+            self._metrics.registry_download_bytes.inc(size)
+            self._metrics.registry_download_seconds.observe(seconds)
 
     def _key_lock(self, key: str) -> threading.Lock:
         with self._lock:

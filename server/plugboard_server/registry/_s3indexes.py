@@ -19,6 +19,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from plugboard_server.errors import RegistryUnavailable, StorageError
+from plugboard_server.metrics import Metrics
 from plugboard_server.registry._s3client import (
     is_conflict,
     is_missing,
@@ -44,8 +45,11 @@ class _Cached:
 class Indexes:
     """Every module's index object under <prefix>index/, read through in-memory copies."""
 
-    def __init__(self, client: Any, bucket: str, prefix: str, refresh_s: float) -> None:
+    def __init__(
+        self, client: Any, bucket: str, prefix: str, refresh_s: float, metrics: Metrics | None = None
+    ) -> None:
         self._s3 = client
+        self._metrics = metrics
         self.bucket = bucket
         self.prefix = prefix
         self.refresh_s = refresh_s
@@ -71,6 +75,8 @@ class Indexes:
             log.warning(
                 "serving %s from a copy of its index %.0fs old", name, time.monotonic() - cached.fetched
             )
+            if self._metrics is not None:
+                self._metrics.registry_stale_reads.inc()
             return cached.index
 
     def read(self, name: str, cached: _Cached | None) -> _Cached:

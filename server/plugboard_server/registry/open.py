@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from plugboard_server.metrics import Metrics
 from plugboard_server.registry.s3_defaults import CACHE_BYTES, REFRESH_S
 from plugboard_server.registry.store import RegistryStore
 
@@ -20,11 +21,13 @@ def open_store(
     endpoint_url: str = "",
     refresh_s: float = REFRESH_S,
     cache_bytes: int = CACHE_BYTES,
+    metrics: Metrics | None = None,
 ) -> RegistryStore:
     """The registry at `location`; ValueError for a location that names neither kind.
 
     For s3://, versions are downloaded into a directory of `cache_root` of the location's own
-    (the same bucket behind two endpoints is two registries), and boto3 finds the credentials.
+    (the same bucket behind two endpoints is two registries), and boto3 finds the credentials;
+    `metrics` counts its downloads.
     """
     text = str(location)
     if is_object_store(text):
@@ -44,6 +47,7 @@ def open_store(
             cache_dir=Path(cache_root) / f"{bucket}-{tag}",
             refresh_s=refresh_s,
             cache_bytes=cache_bytes,
+            metrics=metrics,
         )
     if "://" in text:
         raise ValueError(f"registry {text!r}: give a directory or s3://bucket/prefix")

@@ -35,6 +35,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from plugboard_server.errors import AdapterNotFound, CorruptModule, RegistryUnavailable, StorageError
+from plugboard_server.metrics import Metrics
 from plugboard_server.registry._files import check_source, digest, storage_errors
 from plugboard_server.registry._paging import page_in_memory
 from plugboard_server.registry._s3cache import VersionCache
@@ -76,6 +77,7 @@ class S3Store:
         cache_bytes: int = CACHE_BYTES,
         orphan_min_age_s: float = ORPHAN_MIN_AGE_S,
         clean_at_start: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         """`clean_at_start`: run clean_orphans once, on a background thread (it lists every object)."""
         self.bucket = bucket
@@ -83,11 +85,11 @@ class S3Store:
         self.location = f"s3://{bucket}/{self.prefix}"
         self.orphan_min_age_s = orphan_min_age_s
         self._s3 = client
-        self._cache = VersionCache(Path(cache_dir), cache_bytes)
+        self._cache = VersionCache(Path(cache_dir), cache_bytes, metrics)
         self._staging_root = Path(cache_dir) / "staging"
         with storage_errors(self._staging_root):
             self._staging_root.mkdir(parents=True, exist_ok=True)
-        self._indexes = Indexes(client, bucket, self.prefix, refresh_s)
+        self._indexes = Indexes(client, bucket, self.prefix, refresh_s, metrics)
         with s3_errors(self.location):
             self._s3.head_bucket(Bucket=bucket)  # fail at start, clearly, on a wrong bucket or credentials
         if clean_at_start:

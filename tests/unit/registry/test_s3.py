@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from plugboard_server.errors import AdapterNotFound, CorruptModule, InvalidRequest, RegistryUnavailable
+from plugboard_server.metrics import Metrics
 from plugboard_server.registry.open import open_store
 from plugboard_server.registry.s3 import S3Store
 from plugboard_server.registry.store import AliasInUse
@@ -158,10 +159,16 @@ def test_fetch_downloads_once_and_refuses_what_differs_from_the_checksums(
     # a changed object in the bucket is refused, and nothing of it stays in the cache
     key = store._indexes.get(mv.name).versions[1]["objects"] + "adapter_model.safetensors"
     store._s3.put_object(Bucket=store.bucket, Key=key, Body=b"tampered")
-    other = open_s3()
+    metrics = Metrics()
+    other = open_s3(metrics=metrics)
     with pytest.raises(CorruptModule, match=r"checksum mismatch: adapter_model\.safetensors of m@1"):
         other.fetch(other.resolve("m@1"))
     assert not other.get("m@1").path.exists()
+
+    def downloads(outcome: str) -> float | None:
+        return metrics.registry.get_sample_value("plugboard_registry_downloads_total", {"outcome": outcome})
+
+    assert (downloads("corrupt"), downloads("ok")) == (1.0, None)
 
 
 def test_a_version_deleted_after_it_was_resolved_is_not_found_not_corrupt(
