@@ -43,7 +43,7 @@ def make_client(endpoint_url: str | None = None) -> Any:
     try:
         import boto3
         from botocore.config import Config
-    except ImportError:  # pragma: no cover - the s3 extra is missing
+    except ImportError:  # the s3 extra is missing
         raise StorageError("an s3:// registry needs boto3: pip install 'plugboard[s3]' (or boto3)") from None
     config = Config(
         connect_timeout=5,

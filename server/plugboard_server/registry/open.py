@@ -37,13 +37,15 @@ def open_store(
         if cache_root is None:
             raise ValueError("an s3:// registry needs a local cache directory for downloaded versions")
         from plugboard_server.registry._s3client import make_client
+
+        client = make_client(endpoint_url)  # first: without boto3, a clear error instead of an ImportError
         from plugboard_server.registry.s3 import S3Store
 
         tag = hashlib.sha256(f"{endpoint_url}|{text}".encode()).hexdigest()[:12]
         return S3Store(
             bucket,
             prefix,
-            client=make_client(endpoint_url),
+            client=client,
             cache_dir=Path(cache_root) / f"{bucket}-{tag}",
             refresh_s=refresh_s,
             cache_bytes=cache_bytes,

@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from plugboard_server.errors import AdapterNotFound, CorruptModule, InvalidRequest, RegistryUnavailable
+from plugboard_server.errors import (
+    AdapterNotFound,
+    CorruptModule,
+    InvalidRequest,
+    RegistryUnavailable,
+    StorageError,
+)
 from plugboard_server.metrics import Metrics
 from plugboard_server.registry.open import open_store
 from plugboard_server.registry.s3 import S3Store
@@ -262,3 +268,18 @@ def test_while_the_store_is_down_what_is_here_keeps_serving(open_s3: OpenS3, mak
         store.fetch(remote_only.ref)
     with pytest.raises(RegistryUnavailable):
         store.publish("here", make_module(), LORA)
+
+
+def test_without_boto3_an_s3_registry_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_boto(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name.split(".")[0] in ("boto3", "botocore"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_boto)
+    with pytest.raises(StorageError, match=r"pip install 'plugboard\[s3\]'"):
+        open_store("s3://bucket/registry", cache_root=tmp_path)
