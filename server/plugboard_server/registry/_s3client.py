@@ -120,3 +120,31 @@ def delete_keys(client: Any, bucket: str, keys: list[str]) -> None:
         batch = [{"Key": k} for k in keys[start : start + 1000]]
         with s3_errors(f"s3://{bucket}/{batch[0]['Key']}"):
             client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+
+
+def check_conditional_writes(client: Any, bucket: str, prefix: str) -> None:
+    """Refuse a store that ignores If-None-Match on PutObject: it would let two publishers take one
+    version number, the second silently replacing the first's index. Three requests, at start."""
+    import secrets
+
+    from botocore.exceptions import ClientError
+
+    key = f"{prefix}.plugboard-probe/{secrets.token_hex(8)}"
+    where = f"s3://{bucket}/{key}"
+    with s3_errors(where):
+        client.put_object(Bucket=bucket, Key=key, Body=b"1", IfNoneMatch="*")
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=b"2", IfNoneMatch="*")
+            honoured = False
+        except ClientError as e:
+            if not is_conflict(e):
+                raise
+            honoured = True
+        finally:
+            client.delete_object(Bucket=bucket, Key=key)
+    if not honoured:
+        raise StorageError(
+            f"the object store behind s3://{bucket} ignores conditional writes (If-None-Match on "
+            "PutObject), which the registry needs to publish safely from several replicas; use a store "
+            "that honours them (AWS S3, MinIO since 2024, Ceph RGW, R2) or a directory registry"
+        )

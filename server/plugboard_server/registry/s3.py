@@ -40,6 +40,7 @@ from plugboard_server.registry._files import check_source, digest, storage_error
 from plugboard_server.registry._paging import page_in_memory
 from plugboard_server.registry._s3cache import VersionCache
 from plugboard_server.registry._s3client import (
+    check_conditional_writes,
     delete_keys,
     is_missing,
     list_objects,
@@ -92,6 +93,7 @@ class S3Store:
         self._indexes = Indexes(client, bucket, self.prefix, refresh_s, metrics)
         with s3_errors(self.location):
             self._s3.head_bucket(Bucket=bucket)  # fail at start, clearly, on a wrong bucket or credentials
+        check_conditional_writes(client, bucket, self.prefix)
         if clean_at_start:
             threading.Thread(target=self._clean_quietly, name="plugboard-s3-clean", daemon=True).start()
 

@@ -283,3 +283,23 @@ def test_without_boto3_an_s3_registry_says_what_to_install(tmp_path: Path, monke
     monkeypatch.setattr(builtins, "__import__", no_boto)
     with pytest.raises(StorageError, match=r"pip install 'plugboard\[s3\]'"):
         open_store("s3://bucket/registry", cache_root=tmp_path)
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused(
+    open_s3: OpenS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Without If-None-Match, two publishers could take one version number: refuse such a store."""
+    client = open_s3()._s3
+    real_put = client.put_object
+
+    def put_ignoring_conditions(**kwargs: Any) -> Any:
+        kwargs.pop("IfNoneMatch", None)
+        kwargs.pop("IfMatch", None)
+        return real_put(**kwargs)
+
+    bucket = open_s3().bucket
+    monkeypatch.setattr(client, "put_object", put_ignoring_conditions)
+    with pytest.raises(StorageError, match="ignores conditional writes"):
+        S3Store(bucket, "registry", client=client, cache_dir=tmp_path / "c", clean_at_start=False)
+    listed = client.list_objects_v2(Bucket=bucket, Prefix="registry/.plugboard-probe/")
+    assert listed.get("KeyCount", 0) == 0  # the probe cleaned up after itself
