@@ -12,6 +12,7 @@ import errno
 import hashlib
 import logging
 import os
+import secrets
 import shutil
 import sqlite3
 import stat
@@ -140,3 +141,27 @@ def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def scratch_name(host: str) -> str:
+    """A name for a scratch directory (staging, a download): host and pid first, so that start-up
+    clean-up on this host can tell what a dead process left."""
+    return f"{host}-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def scratch_owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of a scratch_name, or None for a name of another shape."""
+    host, pid_text, _ = (*name.rsplit("-", 2), "", "")[:3]
+    return (host, int(pid_text)) if pid_text.isascii() and pid_text.isdigit() else None
+
+
+@contextmanager
+def scratch_dir(parent: Path, host: str, errors_at: Path) -> Iterator[Path]:
+    """A fresh directory under `parent`, removed on exit (if still there: a publish may move it)."""
+    path = parent / scratch_name(host)
+    with storage_errors(errors_at):
+        path.mkdir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

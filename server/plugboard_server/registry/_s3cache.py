@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
-import shutil
 import socket
 import threading
 import time
@@ -21,7 +19,14 @@ from pathlib import Path
 
 from plugboard_server.errors import AdapterNotFound, CorruptModule
 from plugboard_server.metrics import Metrics
-from plugboard_server.registry._files import alive, digest, remove, storage_errors
+from plugboard_server.registry._files import (
+    alive,
+    digest,
+    remove,
+    scratch_dir,
+    scratch_owner,
+    storage_errors,
+)
 from plugboard_server.registry.store import AdapterRef
 
 log = logging.getLogger(__name__)
@@ -106,28 +111,23 @@ class VersionCache:
             return self._key_locks.setdefault(key, threading.Lock())
 
     def _download(self, ref: AdapterRef, target: Path, download: Callable[[str, Path], None]) -> int:
-        tmp = self.tmp_root / f"{self._host}-{os.getpid()}-{secrets.token_hex(6)}"
         size = 0
-        try:
-            with storage_errors(self.root):
-                tmp.mkdir()
-                for filename, expected in ref.sha256:
-                    download(filename, tmp / filename)
-                    actual, n = digest(tmp / filename)
-                    size += n
-                    if actual != expected:
-                        raise CorruptModule(
-                            f"checksum mismatch: {filename} of {ref.key} downloaded with sha256 "
-                            f"{actual[:16]}…, the registry recorded {expected[:16]}…"
-                        )
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.rename(tmp, target)
-                except OSError:
-                    if not target.is_dir():  # not another process's copy of the same version
-                        raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with storage_errors(self.root), scratch_dir(self.tmp_root, self._host, self.root) as tmp:
+            for filename, expected in ref.sha256:
+                download(filename, tmp / filename)
+                actual, n = digest(tmp / filename)
+                size += n
+                if actual != expected:
+                    raise CorruptModule(
+                        f"checksum mismatch: {filename} of {ref.key} downloaded with sha256 "
+                        f"{actual[:16]}…, the registry recorded {expected[:16]}…"
+                    )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not target.is_dir():  # not another process's copy of the same version
+                    raise
         return size
 
     @staticmethod
@@ -167,7 +167,7 @@ class VersionCache:
     def _clean_tmp(self) -> None:
         """Remove downloads that dead processes on this host left half-done."""
         for entry in os.scandir(self.tmp_root):
-            host, pid_text, _ = (*entry.name.rsplit("-", 2), "", "")[:3]
-            mine = host == self._host and pid_text.isdigit() and int(pid_text) != os.getpid()
-            if mine and not alive(int(pid_text)):
+            owner = scratch_owner(entry.name)
+            here = owner is not None and owner[0] == self._host and owner[1] != os.getpid()
+            if owner is not None and here and not alive(owner[1]):
                 remove(Path(entry.path))

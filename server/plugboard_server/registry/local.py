@@ -17,13 +17,12 @@ import dataclasses
 import json
 import logging
 import os
-import secrets
 import shutil
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,9 @@ from plugboard_server.registry._files import (
     digest,
     fsync_dir,
     remove,
+    scratch_dir,
+    scratch_name,
+    scratch_owner,
     storage_errors,
 )
 from plugboard_server.registry.store import (
@@ -48,6 +50,7 @@ from plugboard_server.registry.store import (
     check_alias,
     check_name,
     check_publish,
+    no_such_version,
     not_found,
     parse_ref,
 )
@@ -152,16 +155,8 @@ class LocalStore:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    @contextmanager
-    def staging(self) -> Iterator[Path]:
-        # host and pid in the name: start-up cleanup on this host can tell a dead owner's leftovers.
-        path = self.staging_root / f"{self._host}-{os.getpid()}-{secrets.token_hex(6)}"
-        with storage_errors(self.root):
-            path.mkdir()
-        try:
-            yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)  # gone already when it was published
+    def staging(self) -> AbstractContextManager[Path]:
+        return scratch_dir(self.staging_root, self._host, self.root)  # gone already once published
 
     def publish(
         self,
@@ -298,15 +293,11 @@ class LocalStore:
     def _not_found(self, ref: str, name: str, selector: str, db: Any = None) -> AdapterNotFound:
         db = db or self._index.connection()
         (latest,) = db.execute("SELECT max(version) FROM versions WHERE name = ?", (name,)).fetchone()
-        if latest is None:
-            return not_found(ref)
-        return AdapterNotFound(
-            f"module {name!r} has no version or alias {selector!r} (its latest is {name}@{latest})"
-        )
+        return no_such_version(ref, name, selector, latest)
 
     def _set_aside(self, path: Path) -> Path:
         """Move a directory into staging under this process's name, to remove it out of the write lock."""
-        aside = self.staging_root / f"{self._host}-{os.getpid()}-{secrets.token_hex(6)}"
+        aside = self.staging_root / scratch_name(self._host)
         os.rename(path, aside)
         log.warning("removing %s: a version directory with no index row (an interrupted publish)", path)
         return aside
@@ -315,11 +306,11 @@ class LocalStore:
         """Remove what killed publishers left: staging dirs of dead processes, version dirs with no row."""
         now = time.time()
         for entry in os.scandir(self.staging_root):
-            host, pid_text, _ = (*entry.name.rsplit("-", 2), "", "")[:3]
-            here = host == self._host and pid_text.isascii() and pid_text.isdigit()
-            if here and int(pid_text) == os.getpid():
+            owner = scratch_owner(entry.name)
+            here = owner is not None and owner[0] == self._host
+            if owner is not None and here and owner[1] == os.getpid():
                 continue  # another LocalStore in this process may be using it
-            dead = here and not alive(int(pid_text))
+            dead = owner is not None and here and not alive(owner[1])
             try:
                 old = now - entry.stat(follow_symlinks=False).st_mtime > staging_max_age_s
             except FileNotFoundError:

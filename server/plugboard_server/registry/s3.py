@@ -23,12 +23,11 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from botocore.exceptions import ClientError
 
 from plugboard_server.errors import AdapterNotFound, CorruptModule, RegistryUnavailable, StorageError
 from plugboard_server.metrics import Metrics
-from plugboard_server.registry._files import check_source, digest, storage_errors
+from plugboard_server.registry._files import check_source, digest, scratch_dir, storage_errors
 from plugboard_server.registry._paging import page_in_memory
 from plugboard_server.registry._s3cache import VersionCache
 from plugboard_server.registry._s3client import (
@@ -57,6 +56,7 @@ from plugboard_server.registry.store import (
     check_alias,
     check_name,
     check_publish,
+    no_such_version,
     not_found,
     parse_ref,
 )
@@ -178,16 +178,9 @@ class S3Store:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    @contextmanager
-    def staging(self) -> Iterator[Path]:
+    def staging(self) -> AbstractContextManager[Path]:
         """A local directory to assemble an upload in; publish uploads it to the object store."""
-        path = self._staging_root / f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}"
-        with storage_errors(self._staging_root):
-            path.mkdir()
-        try:
-            yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
+        return scratch_dir(self._staging_root, socket.gethostname(), self._staging_root)
 
     def publish(
         self,
@@ -208,7 +201,6 @@ class S3Store:
         for entry in sorted(os.scandir(source), key=lambda e: e.name):
             files[entry.name], sizes[entry.name] = digest(Path(entry.path))
         objects = f"{self.prefix}objects/{name}/{time.time_ns():x}-{secrets.token_hex(6)}/"
-        published: list[int] = []
 
         def add_version(index: ModuleIndex) -> None:
             version = index.next_version
@@ -218,7 +210,6 @@ class S3Store:
             index.next_version = version + 1
             if alias is not None:
                 index.aliases[alias] = version
-            published[:] = [version]
 
         try:
             with s3_errors(f"{self.location}{objects}"):
@@ -229,7 +220,9 @@ class S3Store:
             if not self._committed(name, objects):
                 self._delete_objects(objects)
             raise
-        mv = index.module_version(published[0], self._cache.versions_root)
+        version = index.latest()  # the new one: numbers only grow
+        assert version is not None
+        mv = index.module_version(version, self._cache.versions_root)
         log.info("published %s (%d files, %d bytes) to %s", mv.key, len(files), mv.size_bytes, self.location)
         return mv
 
@@ -334,9 +327,4 @@ class S3Store:
 
     def _not_found(self, ref: str, index: ModuleIndex | None, selector: str) -> AdapterNotFound:
         latest = index.latest() if index is not None else None
-        if latest is None:
-            return not_found(ref)
-        name = index.name
-        return AdapterNotFound(
-            f"module {name!r} has no version or alias {selector!r} (its latest is {name}@{latest})"
-        )
+        return no_such_version(ref, index.name if index is not None else ref, selector, latest)

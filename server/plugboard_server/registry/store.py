@@ -217,3 +217,12 @@ def not_found(ref: str, known: list[str] | None = None) -> AdapterNotFound:
         return AdapterNotFound(f"no module {ref!r}")
     hint = f"; known modules: {', '.join(sorted(known)[:10])}" if known else "; no modules are registered"
     return AdapterNotFound(f"no module {ref!r}{hint}")
+
+
+def no_such_version(ref: str, name: str, selector: str, latest: int | None) -> AdapterNotFound:
+    """NOT_FOUND for `ref`: no module at all, or (when it has a `latest`) no such version or alias."""
+    if latest is None:
+        return not_found(ref)
+    return AdapterNotFound(
+        f"module {name!r} has no version or alias {selector!r} (its latest is {name}@{latest})"
+    )
